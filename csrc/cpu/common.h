@@ -1,0 +1,5 @@
+#pragma once
+#include <cstdint>
+#ifdef FASTINF_OPENMP
+#include <omp.h>
+#endif

@@ -1,0 +1,220 @@
+"""``score_dense``: scores of factored per-example gradients against dense query matrices.
+
+``S[n, q] = Σ_t G[n,t]ᵀ M[q] A[n,t] = ⟨G_nᵀ A_n, M_q⟩_F`` — used for EK-FAC full-rank queries,
+where ``M_q = H⁻¹ D_q`` is the preconditioned query gradient.
+
+Two contraction orders, chosen per call by a FLOP cost model (:func:`plan`):
+
+* ``"token"``: ``M_q a_t`` for every token, dotted with ``g_t`` — ``2·N·T·Q·dout·din`` FLOPs; fused
+  in the backend kernels (GEMM with a dot-product epilogue), so ``[N, T, Q, dout]`` never exists;
+* ``"materialize"``: ``D_n = G_nᵀ A_n`` tile by tile of examples, then a GEMM with the flattened
+  ``M`` — ``2·dout·din·(N·T + N·Q)`` FLOPs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _common as c
+from .score_factored import _compute_dtype
+
+OP = "score_dense"
+CONTRACTIONS = ("token", "materialize")
+
+
+def flops(N, T, Q, din, dout) -> dict:
+    """FLOPs of each contraction order."""
+    return {
+        "token": 2.0 * N * T * Q * dout * (din + 1),
+        "materialize": 2.0 * dout * din * (N * T + N * Q),
+    }
+
+
+def plan(N, T, Q, din, dout) -> str:
+    """The cheaper contraction order by FLOPs (ties go to ``"token"``, which moves less memory)."""
+    f = flops(N, T, Q, din, dout)
+    return "token" if f["token"] <= f["materialize"] else "materialize"
+
+
+# --------------------------------------------------------------------------- reference
+def score_dense_reference(A, G, M, a_mask=None):
+    """Pure-torch reference, straight from the formula, chunked over examples and queries.
+
+    Computes in float64 for float64 inputs (the test oracle), else in float32.
+    """
+    dt = torch.float64 if A.dtype == torch.float64 else torch.float32
+    N, T, din = A.shape
+    Q, dout, _ = M.shape
+    out = torch.zeros(N, Q, dtype=dt, device=A.device)
+    if N == 0 or Q == 0:
+        return out
+    per = 2 * T * dout * torch.finfo(dt).bits // 8
+    qc = c.chunk(Q, per)
+    nc = c.chunk(N, per * qc)
+    for q0 in range(0, Q, qc):
+        Mq = M[q0:q0 + qc].to(dt)
+        for n0 in range(0, N, nc):
+            y = torch.einsum("qed,ntd->ntqe", Mq, A[n0:n0 + nc].to(dt))
+            s = torch.einsum("ntqe,nte->ntq", y, G[n0:n0 + nc].to(dt))
+            if a_mask is not None:
+                s = torch.where(a_mask[n0:n0 + nc, :, None], s, 0.0)
+            out[n0:n0 + nc, q0:q0 + qc] = s.sum(dim=1)
+    return out
+
+
+# --------------------------------------------------------------------------- torch formulations
+def materialize_torch(A, G, M, a_mask=None):
+    """Per-example gradients tile by tile, then a GEMM with the flattened M. Output float32."""
+    N, T, din = A.shape
+    Q, dout, _ = M.shape
+    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
+    if N == 0 or Q == 0:
+        return out
+    dt = _compute_dtype(A)
+    A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
+    Mf = M.to(dt).reshape(Q, dout * din)
+    nc = c.chunk(N, dout * din * 4)
+    for n0 in range(0, N, nc):
+        Dn = torch.bmm(G[n0:n0 + nc].to(dt).transpose(1, 2), A[n0:n0 + nc].to(dt))
+        out[n0:n0 + nc] = (Dn.reshape(Dn.shape[0], -1) @ Mf.T).float()
+    return out
+
+
+def token_torch(A, G, M, a_mask=None):
+    """``M_q a_t`` by GEMM on tiles, then the dot with ``g_t``. Output float32 [N, Q]."""
+    N, T, din = A.shape
+    Q, dout, _ = M.shape
+    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
+    if N == 0 or Q == 0:
+        return out
+    dt = _compute_dtype(A)
+    A = c.mask_rows(A, a_mask)
+    G = c.mask_rows(G, a_mask)
+    per = 2 * T * dout * 4
+    qc = c.chunk(Q, per)
+    nc = c.chunk(N, per * qc)
+    for q0 in range(0, Q, qc):
+        q1 = min(Q, q0 + qc)
+        Mq = M[q0:q1].to(dt).reshape(-1, din)
+        for n0 in range(0, N, nc):
+            n1 = min(N, n0 + nc)
+            y = (A[n0:n1].to(dt).reshape(-1, din) @ Mq.T).view(n1 - n0, T, q1 - q0, dout)
+            out[n0:n1, q0:q1] = torch.einsum("ntqe,nte->nq", y.float(), G[n0:n1].float())
+    return out
+
+
+# --------------------------------------------------------------------------- fused kernels
+def _fused_cpu(A, G, M, a_mask):
+    C = c.require_native(OP)
+    N, T, din = A.shape
+    Q, dout, _ = M.shape
+    A, G, M = (x.float().contiguous() for x in (A, G, M))
+    am = c.contiguous(a_mask)
+    out = torch.empty(N, Q, dtype=torch.float32)
+    if N and Q:
+        C.score_dense_cpu(A.data_ptr(), G.data_ptr(), M.data_ptr(), c.ptr(am), out.data_ptr(),
+                          N, T, Q, din, dout)
+    return out
+
+
+def _fused_cuda(A, G, M, a_mask):
+    C = c.require_native(OP)
+    N, T, din = A.shape
+    Q, dout, _ = M.shape
+    A, G, M = (x.contiguous() for x in (A, G, M))
+    am = c.contiguous(a_mask)
+    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
+    if N and Q:
+        with torch.cuda.device(A.device):
+            C.score_dense_cuda(A.data_ptr(), G.data_ptr(), M.data_ptr(), c.ptr(am),
+                               out.data_ptr(), N, T, Q, din, dout, c.CUDA_DTYPE_CODES[A.dtype],
+                               c.cuda_stream(A.device))
+    return out
+
+
+def _fused_triton(A, G, M, a_mask):
+    from ..triton.score_dense import score_dense_triton
+
+    return score_dense_triton(A, G, M, a_mask)
+
+
+_FUSED = {"cpu": _fused_cpu, "cuda": _fused_cuda, "triton": _fused_triton, "torch": token_torch}
+
+
+def _run(A, G, M, a_mask, backend: str, contraction: str) -> torch.Tensor:
+    if backend == "reference":
+        return score_dense_reference(A, G, M, a_mask)
+    N, T, din = A.shape
+    Q, dout, _ = M.shape
+    if contraction == "auto":
+        contraction = plan(N, T, Q, din, dout)
+    if contraction == "materialize":
+        return materialize_torch(A, G, M, a_mask)
+    return _FUSED[backend](A, G, M, a_mask)
+
+
+@torch.library.custom_op("fastinf::score_dense", mutates_args=())
+def _score_dense_op(A: torch.Tensor, G: torch.Tensor, M: torch.Tensor,
+                    a_mask: Optional[torch.Tensor], backend: str,
+                    contraction: str) -> torch.Tensor:
+    return _run(A, G, M, a_mask, backend, contraction)
+
+
+@_score_dense_op.register_fake
+def _(A, G, M, a_mask, backend, contraction):
+    dt = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return A.new_empty((A.shape[0], M.shape[0]), dtype=dt)
+
+
+# --------------------------------------------------------------------------- public API
+def validate(A, G, M, a_mask=None):
+    """Checks the arguments of :func:`score_dense`; returns ``(N, T, Q, din, dout)``."""
+    c.check_tensor(OP, "A", A, ("N", "T", "din"))
+    c.check_tensor(OP, "G", G, ("N", "T", "dout"))
+    c.check_tensor(OP, "M", M, ("Q", "dout", "din"))
+    c.check_same(OP, {"A": A, "G": G, "M": M})
+    N, T, din = A.shape
+    c.check_dim(OP, "G", G, 0, N, "from A", ("N", "T", "dout"))
+    c.check_dim(OP, "G", G, 1, T, "from A", ("N", "T", "dout"))
+    dout = G.shape[2]
+    c.check_dim(OP, "M", M, 1, dout, "from G", ("Q", "dout", "din"))
+    c.check_dim(OP, "M", M, 2, din, "from A", ("Q", "dout", "din"))
+    c.check_mask(OP, "a_mask", a_mask, (N, T), "A", A.device)
+    return N, T, M.shape[0], din, dout
+
+
+def score_dense(A: torch.Tensor, G: torch.Tensor, M: torch.Tensor, *,
+                a_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                contraction: Optional[str] = None, check_finite: bool = True) -> torch.Tensor:
+    """Scores of factored per-example gradients against dense query matrices.
+
+    ``S[n, q] = Σ_t G[n,t]ᵀ M[q] A[n,t] = ⟨G_nᵀ A_n, M_q⟩_F``
+
+    Args:
+        A: ``[N, T, din]`` layer inputs of N examples (T tokens each).
+        G: ``[N, T, dout]`` output gradients of the same examples.
+        M: ``[Q, dout, din]`` one dense matrix per query (e.g. a preconditioned query gradient).
+        a_mask: ``[N, T]`` bool, False for tokens that contribute nothing (padding).
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None for
+            the fastest usable for the inputs' device (see ``fastinf.backends()``).
+        contraction: ``"token"``, ``"materialize"`` or None to let the cost model choose.
+        check_finite: raise ``ValueError`` naming the argument and example if the scores are
+            not finite because an input holds NaN/Inf (skipped under ``torch.compile``).
+
+    Inputs are float32, float16 or bfloat16 (float64 with ``backend="reference"``); the result
+    is float32 ``[N, Q]`` (float64 for float64 inputs).
+    """
+    N, T, Q, din, dout = validate(A, G, M, a_mask)
+    if contraction not in (None,) + CONTRACTIONS:
+        raise ValueError(f"{OP}: unknown contraction {contraction!r}; expected one of "
+                         f"{', '.join(CONTRACTIONS)} or None")
+    backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
+    A, G, M = (x.detach() for x in (A, G, M))
+    out = _score_dense_op(A, G, M, a_mask, backend, contraction or "auto")
+    if check_finite and not torch.compiler.is_compiling() and out.numel() \
+            and not bool(torch.isfinite(out).all()):
+        c.find_nonfinite(OP, {"A": A, "G": G, "M": M}, {"A": a_mask, "G": a_mask})
+        raise ValueError(f"{OP}: the scores overflowed (inputs are finite but products exceed "
+                         f"the float32 range); rescale the inputs")
+    return out

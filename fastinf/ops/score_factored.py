@@ -1,0 +1,263 @@
+"""``score_factored``: scores between per-example gradients held in factored (token) form.
+
+``S[n, q] = Σ_t Σ_s (A[n,t]·V[q,s]) (G[n,t]·U[q,s])``, i.e. ``⟨G_nᵀ A_n, U_qᵀ V_q⟩_F`` without
+forming either gradient. Used by ghost TracIn (V, U = query tokens), EK-FAC low-rank queries
+(V, U = the rank-r factors R, L) and low-rank stores.
+
+Two contraction orders, chosen per call by a FLOP cost model (:func:`plan`):
+
+* ``"factored"`` (ghost): token-pair Gram products, ``2·N·Q·T·S·(din+dout)`` FLOPs, fused in the
+  backend kernels (C++, Triton, CUDA) so the ``[N, T, Q, S]`` intermediates never exist;
+* ``"materialize"``: per-example gradients ``D_n = G_nᵀ A_n`` built tile by tile of examples and
+  contracted with the query gradients by GEMM, ``2·dout·din·(N·T + Q·S + N·Q)`` FLOPs.
+
+Memory is bounded by the workspace (``FASTINF_WORKSPACE_MB``), never proportional to N·din·dout
+or N·Q·T·S.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _common as c
+
+OP = "score_factored"
+CONTRACTIONS = ("factored", "materialize")
+
+
+def flops(N, T, Q, S, din, dout) -> dict:
+    """FLOPs of each contraction order."""
+    return {
+        "factored": 2.0 * N * Q * T * S * (din + dout + 1),
+        "materialize": 2.0 * dout * din * (N * T + Q * S + N * Q),
+    }
+
+
+def plan(N, T, Q, S, din, dout) -> str:
+    """The cheaper contraction order by FLOPs (ties go to ``"factored"``, which moves less memory)."""
+    f = flops(N, T, Q, S, din, dout)
+    return "factored" if f["factored"] <= f["materialize"] else "materialize"
+
+
+# --------------------------------------------------------------------------- reference
+def score_factored_reference(A, G, V, U, a_mask=None, v_mask=None):
+    """Pure-torch reference, straight from the formula, chunked over examples and queries.
+
+    Computes in float64 for float64 inputs (the test oracle), else in float32.
+    """
+    dt = torch.float64 if A.dtype == torch.float64 else torch.float32
+    N, T, _ = A.shape
+    Q, S, _ = V.shape
+    out = torch.zeros(N, Q, dtype=dt, device=A.device)
+    if N == 0 or Q == 0:
+        return out
+    per_pair = 3 * T * S * torch.finfo(dt).bits // 8
+    qc = c.chunk(Q, per_pair)
+    nc = c.chunk(N, per_pair * qc)
+    for q0 in range(0, Q, qc):
+        Vq, Uq = V[q0:q0 + qc].to(dt), U[q0:q0 + qc].to(dt)
+        vm = None if v_mask is None else v_mask[q0:q0 + qc]
+        for n0 in range(0, N, nc):
+            An, Gn = A[n0:n0 + nc].to(dt), G[n0:n0 + nc].to(dt)
+            ka = torch.einsum("ntd,qsd->ntqs", An, Vq)
+            kg = torch.einsum("nte,qse->ntqs", Gn, Uq)
+            prod = ka * kg
+            if a_mask is not None:
+                prod = torch.where(a_mask[n0:n0 + nc, :, None, None], prod, 0.0)
+            if vm is not None:
+                prod = torch.where(vm[None, None], prod, 0.0)
+            out[n0:n0 + nc, q0:q0 + qc] = prod.sum(dim=(1, 3))
+    return out
+
+
+# --------------------------------------------------------------------------- torch formulations
+def _compute_dtype(x):
+    # fp16/bf16 GEMMs on CPU are slow and inexact: compute in fp32 there.
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
+def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
+    """Per-example gradients tile by tile, then one GEMM per tile pair. Output float32 [N, Q]."""
+    N, T, din = A.shape
+    Q, S, dout = U.shape[0], U.shape[1], U.shape[2]
+    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
+    if N == 0 or Q == 0:
+        return out
+    dt = _compute_dtype(A)
+    A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
+    V, U = c.mask_rows(V, v_mask), c.mask_rows(U, v_mask)
+    per = dout * din * 4
+    qc = c.chunk(Q, per, c.workspace_bytes() // 2)
+    nc = c.chunk(N, per, c.workspace_bytes() // 2)
+    for q0 in range(0, Q, qc):
+        Eq = torch.bmm(U[q0:q0 + qc].to(dt).transpose(1, 2), V[q0:q0 + qc].to(dt))
+        Eq = Eq.reshape(Eq.shape[0], -1)
+        for n0 in range(0, N, nc):
+            Dn = torch.bmm(G[n0:n0 + nc].to(dt).transpose(1, 2), A[n0:n0 + nc].to(dt))
+            out[n0:n0 + nc, q0:q0 + qc] = (Dn.reshape(Dn.shape[0], -1) @ Eq.T).float()
+    return out
+
+
+def factored_torch(A, G, V, U, a_mask=None, v_mask=None):
+    """Ghost products with torch GEMMs on tiles of (examples x queries). Output float32 [N, Q]."""
+    N, T, din = A.shape
+    Q, S, dout = U.shape
+    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
+    if N == 0 or Q == 0:
+        return out
+    dt = _compute_dtype(A)
+    A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
+    V, U = c.mask_rows(V, v_mask), c.mask_rows(U, v_mask)
+    per_pair = 3 * T * S * 4
+    qc = c.chunk(Q, per_pair)
+    nc = c.chunk(N, per_pair * qc)
+    for q0 in range(0, Q, qc):
+        Vq = V[q0:q0 + qc].to(dt).reshape(-1, din)
+        Uq = U[q0:q0 + qc].to(dt).reshape(-1, dout)
+        q1 = min(Q, q0 + qc)
+        for n0 in range(0, N, nc):
+            n1 = min(N, n0 + nc)
+            ka = A[n0:n1].to(dt).reshape(-1, din) @ Vq.T
+            kg = G[n0:n1].to(dt).reshape(-1, dout) @ Uq.T
+            if T == 1 and S == 1:
+                out[n0:n1, q0:q1] = ka.float() * kg.float()
+            else:
+                prod = (ka.float() * kg.float()).view(n1 - n0, T, q1 - q0, S)
+                out[n0:n1, q0:q1] = prod.sum(dim=(1, 3))
+    return out
+
+
+# --------------------------------------------------------------------------- fused kernels
+def _fused_cpu(A, G, V, U, a_mask, v_mask):
+    C = c.require_native(OP)
+    N, T, din = A.shape
+    Q, S, dout = U.shape
+    A, G, V, U = (x.float().contiguous() for x in (A, G, V, U))
+    am, vm = c.contiguous(a_mask), c.contiguous(v_mask)
+    out = torch.empty(N, Q, dtype=torch.float32)
+    if N and Q:
+        C.score_factored_cpu(A.data_ptr(), G.data_ptr(), V.data_ptr(), U.data_ptr(), c.ptr(am),
+                             c.ptr(vm), out.data_ptr(), N, T, Q, S, din, dout)
+    return out
+
+
+def _fused_cuda(A, G, V, U, a_mask, v_mask):
+    C = c.require_native(OP)
+    N, T, din = A.shape
+    Q, S, dout = U.shape
+    A, G, V, U = (x.contiguous() for x in (A, G, V, U))
+    am, vm = c.contiguous(a_mask), c.contiguous(v_mask)
+    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
+    if N and Q:
+        with torch.cuda.device(A.device):
+            C.score_factored_cuda(A.data_ptr(), G.data_ptr(), V.data_ptr(), U.data_ptr(),
+                                  c.ptr(am), c.ptr(vm), out.data_ptr(), N, T, Q, S, din, dout,
+                                  c.CUDA_DTYPE_CODES[A.dtype], c.cuda_stream(A.device))
+    return out
+
+
+def _fused_triton(A, G, V, U, a_mask, v_mask):
+    from ..triton.score_factored import score_factored_triton
+
+    return score_factored_triton(A, G, V, U, a_mask, v_mask)
+
+
+_FUSED = {"cpu": _fused_cpu, "cuda": _fused_cuda, "triton": _fused_triton, "torch": factored_torch}
+
+
+def _cpu_factored(A, G, V, U, a_mask, v_mask):
+    # A single-token factored product is two GEMMs and a Hadamard product: torch's BLAS wins.
+    if A.shape[1] == 1 and V.shape[1] == 1:
+        return factored_torch(A, G, V, U, a_mask, v_mask)
+    return _fused_cpu(A, G, V, U, a_mask, v_mask)
+
+
+def _run(A, G, V, U, a_mask, v_mask, backend: str, contraction: str) -> torch.Tensor:
+    if backend == "reference":
+        return score_factored_reference(A, G, V, U, a_mask, v_mask)
+    N, T, din = A.shape
+    Q, S, dout = U.shape
+    if contraction == "auto":
+        contraction = plan(N, T, Q, S, din, dout)
+    if contraction == "materialize":
+        return materialize_torch(A, G, V, U, a_mask, v_mask)
+    if backend == "cpu":
+        return _cpu_factored(A, G, V, U, a_mask, v_mask)
+    return _FUSED[backend](A, G, V, U, a_mask, v_mask)
+
+
+@torch.library.custom_op("fastinf::score_factored", mutates_args=())
+def _score_factored_op(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, U: torch.Tensor,
+                       a_mask: Optional[torch.Tensor], v_mask: Optional[torch.Tensor],
+                       backend: str, contraction: str) -> torch.Tensor:
+    return _run(A, G, V, U, a_mask, v_mask, backend, contraction)
+
+
+@_score_factored_op.register_fake
+def _(A, G, V, U, a_mask, v_mask, backend, contraction):
+    dt = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return A.new_empty((A.shape[0], V.shape[0]), dtype=dt)
+
+
+# --------------------------------------------------------------------------- public API
+def validate(A, G, V, U, a_mask=None, v_mask=None):
+    """Checks the arguments of :func:`score_factored`; returns ``(N, T, Q, S, din, dout)``."""
+    c.check_tensor(OP, "A", A, ("N", "T", "din"))
+    c.check_tensor(OP, "G", G, ("N", "T", "dout"))
+    c.check_tensor(OP, "V", V, ("Q", "S", "din"))
+    c.check_tensor(OP, "U", U, ("Q", "S", "dout"))
+    c.check_same(OP, {"A": A, "G": G, "V": V, "U": U})
+    N, T, din = A.shape
+    c.check_dim(OP, "G", G, 0, N, "from A", ("N", "T", "dout"))
+    c.check_dim(OP, "G", G, 1, T, "from A", ("N", "T", "dout"))
+    dout = G.shape[2]
+    Q, S = V.shape[0], V.shape[1]
+    c.check_dim(OP, "V", V, 2, din, "from A", ("Q", "S", "din"))
+    c.check_dim(OP, "U", U, 0, Q, "from V", ("Q", "S", "dout"))
+    c.check_dim(OP, "U", U, 1, S, "from V", ("Q", "S", "dout"))
+    c.check_dim(OP, "U", U, 2, dout, "from G", ("Q", "S", "dout"))
+    c.check_mask(OP, "a_mask", a_mask, (N, T), "A", A.device)
+    c.check_mask(OP, "v_mask", v_mask, (Q, S), "V", V.device)
+    return N, T, Q, S, din, dout
+
+
+def score_factored(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, U: torch.Tensor, *,
+                   a_mask: Optional[torch.Tensor] = None, v_mask: Optional[torch.Tensor] = None,
+                   backend: Optional[str] = None, contraction: Optional[str] = None,
+                   check_finite: bool = True) -> torch.Tensor:
+    """Scores between factored per-example gradients.
+
+    ``S[n, q] = Σ_t Σ_s (A[n,t]·V[q,s]) (G[n,t]·U[q,s]) = ⟨G_nᵀ A_n, U_qᵀ V_q⟩_F``
+
+    Args:
+        A: ``[N, T, din]`` layer inputs of N examples (T tokens each).
+        G: ``[N, T, dout]`` output gradients of the same examples.
+        V: ``[Q, S, din]`` left factors of Q queries (query inputs, or the rank factor R).
+        U: ``[Q, S, dout]`` right factors of the queries (query output gradients, or L).
+        a_mask: ``[N, T]`` bool, False for tokens of A/G that contribute nothing (padding).
+        v_mask: ``[Q, S]`` bool, likewise for V/U.
+        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None for
+            the fastest usable for the inputs' device (see ``fastinf.backends()``).
+        contraction: ``"factored"``, ``"materialize"`` or None to let the cost model choose.
+        check_finite: raise ``ValueError`` naming the argument and example if the scores are
+            not finite because an input holds NaN/Inf (skipped under ``torch.compile``).
+
+    Inputs are float32, float16 or bfloat16 (float64 with ``backend="reference"``), all on one
+    device with one dtype; accumulation is float32 and the result is float32 ``[N, Q]``
+    (float64 for float64 inputs).
+    """
+    N, T, Q, S, din, dout = validate(A, G, V, U, a_mask, v_mask)
+    if contraction not in (None,) + CONTRACTIONS:
+        raise ValueError(f"{OP}: unknown contraction {contraction!r}; expected one of "
+                         f"{', '.join(CONTRACTIONS)} or None")
+    backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
+    A, G, V, U = (x.detach() for x in (A, G, V, U))
+    out = _score_factored_op(A, G, V, U, a_mask, v_mask, backend, contraction or "auto")
+    if check_finite and not torch.compiler.is_compiling() and out.numel() \
+            and not bool(torch.isfinite(out).all()):
+        c.find_nonfinite(OP, {"A": A, "G": G, "V": V, "U": U},
+                         {"A": a_mask, "G": a_mask, "V": v_mask, "U": v_mask})
+        raise ValueError(f"{OP}: the scores overflowed (inputs are finite but products exceed "
+                         f"the float32 range); rescale the inputs")
+    return out
