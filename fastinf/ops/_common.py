@@ -77,8 +77,14 @@ def check_dim(op: str, name: str, x, axis: int, expected: int, what: str, dims: 
                          f"[{', '.join(dims)}] with {dims[axis]}={expected} ({what})")
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _usable(name: str, device_type: str) -> bool:
+    # A constant under torch.compile: backend availability is resolved once, outside the graph.
+    return _usable_cached(name, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _usable_cached(name: str, device_type: str) -> bool:
     st = backends()[name]
     if not st.available:
         return False

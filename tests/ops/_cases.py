@@ -1,0 +1,62 @@
+"""Shared parametrisation of the op tests: backends, dtypes with tolerances, adversarial inputs."""
+import pytest
+import torch
+
+import fastinf
+
+# (backend, device) pairs; the cuda ones are marked gpu and skip without a GPU.
+BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("triton", "cpu", id="triton-interp"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.gpu),
+]
+
+# dtype -> relative tolerance (w.r.t. the largest |score|) against the float64 reference
+DTYPES = [
+    pytest.param(torch.float32, 2e-5, id="f32"),
+    pytest.param(torch.float16, 1e-2, id="f16"),
+    pytest.param(torch.bfloat16, 5e-2, id="bf16"),
+]
+
+
+def skip_unusable(backend, device):
+    st = fastinf.backends()[backend]
+    if not st.available:
+        pytest.skip(f"backend {backend!r} unavailable here: {st.detail}")
+    if backend == "triton" and device == "cpu":
+        import os
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+def make(shape, dtype, device, *, noncontig=False, scale=1.0):
+    """Random tensor of ``shape``; with ``noncontig`` a strided view of a larger tensor."""
+    if noncontig and len(shape) == 3:
+        big = torch.randn(shape[0], shape[2], shape[1] * 2 + 1, dtype=torch.float64) * scale
+        x = big[:, :, : shape[1] * 2 : 2].transpose(1, 2)  # non-contiguous view
+        assert not x.is_contiguous() or x.numel() <= 1
+    else:
+        x = torch.randn(*shape, dtype=torch.float64) * scale
+    return x.to(device=device, dtype=dtype)
+
+
+def random_mask(B, T, device, *, all_masked_rows=()):
+    m = torch.rand(B, T) > 0.3
+    if T:
+        m[:, 0] = True
+    for r in all_masked_rows:
+        if r < B:
+            m[r] = False
+    return m.to(device)
+
+
+def assert_close(out, ref, tol, what=""):
+    assert out.dtype == torch.float32, out.dtype
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    ref = ref.to(out.device, torch.float64)
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30) + 1e-30, f"{what}: max err {err:.3e}, scale {scale:.3e}, tol {tol}"

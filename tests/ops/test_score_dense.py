@@ -1,0 +1,103 @@
+"""score_dense: every backend and contraction order against the float64 reference."""
+import pytest
+import torch
+
+from fastinf.ops import score_dense, score_dense_reference
+from fastinf.ops.score_dense import plan
+
+from _cases import BACKENDS, DTYPES, assert_close, make, random_mask, skip_unusable
+
+# (N, T, Q, din, dout)
+SHAPES = [
+    (5, 1, 4, 7, 3),
+    (3, 4, 1, 13, 7),
+    (4, 17, 3, 33, 5),
+    (1, 3, 2, 1, 1),
+    (7, 2, 6, 65, 17),
+]
+
+
+def _inputs(shape, dtype, device, noncontig=False):
+    N, T, Q, din, dout = shape
+    return (make((N, T, din), dtype, device, noncontig=noncontig),
+            make((N, T, dout), dtype, device, noncontig=noncontig),
+            make((Q, dout, din), dtype, device, noncontig=noncontig))
+
+
+def _ref(A, G, M, am=None):
+    d = lambda x: x.detach().cpu().double()
+    return score_dense_reference(d(A), d(G), d(M), None if am is None else am.cpu())
+
+
+def test_reference_is_the_formula():
+    A, G, M = _inputs((4, 3, 5, 6, 4), torch.float64, "cpu")
+    am = random_mask(4, 3, "cpu")
+    D = torch.einsum("nte,ntd->ned", G * am[..., None], A)
+    torch.testing.assert_close(score_dense_reference(A, G, M, am), torch.einsum("ned,qed->nq", D, M))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("contraction", ["token", "materialize", None])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float32_shapes(backend, device, contraction, shape):
+    skip_unusable(backend, device)
+    A, G, M = _inputs(shape, torch.float32, device)
+    out = score_dense(A, G, M, backend=backend, contraction=contraction)
+    assert_close(out, _ref(A, G, M), 2e-5, f"{backend}/{contraction}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("contraction", ["token", "materialize"])
+def test_dtypes(backend, device, dtype, tol, contraction):
+    skip_unusable(backend, device)
+    A, G, M = _inputs((6, 5, 4, 24, 10), dtype, device)
+    out = score_dense(A, G, M, backend=backend, contraction=contraction)
+    assert_close(out, _ref(A, G, M), tol, f"{backend}/{dtype}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("contraction", ["token", "materialize"])
+def test_masks_and_nan_in_masked_tokens(backend, device, contraction):
+    skip_unusable(backend, device)
+    A, G, M = _inputs((5, 6, 4, 11, 5), torch.float32, device)
+    am = random_mask(5, 6, device, all_masked_rows=(3,))
+    ref = _ref(A, G, M, am)
+    A, G = A.clone(), G.clone()
+    A[~am] = float("nan"); G[~am] = float("-inf")
+    out = score_dense(A, G, M, a_mask=am, backend=backend, contraction=contraction)
+    assert_close(out, ref, 2e-5, f"{backend}/{contraction}")
+    assert (out[3] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_noncontiguous(backend, device):
+    skip_unusable(backend, device)
+    A, G, M = _inputs((4, 5, 3, 9, 6), torch.float32, device, noncontig=True)
+    for contraction in ("token", "materialize"):
+        out = score_dense(A, G, M, backend=backend, contraction=contraction)
+        assert_close(out, _ref(A, G, M), 2e-5, contraction)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("N,Q", [(0, 3), (3, 0)])
+def test_empty(backend, device, N, Q):
+    skip_unusable(backend, device)
+    A, G, M = _inputs((N, 2, Q, 5, 4), torch.float32, device)
+    for contraction in ("token", "materialize", None):
+        out = score_dense(A, G, M, backend=backend, contraction=contraction)
+        assert out.shape == (N, Q) and out.dtype == torch.float32
+
+
+def test_chunking_keeps_results(monkeypatch):
+    A, G, M = _inputs((9, 4, 7, 8, 5), torch.float32, "cpu")
+    want = _ref(A, G, M)
+    monkeypatch.setenv("FASTINF_WORKSPACE_MB", "0.0001")
+    for contraction in ("token", "materialize"):
+        assert_close(score_dense(A, G, M, backend="torch", contraction=contraction), want, 2e-5)
+    assert_close(score_dense(A.double(), G.double(), M.double()).float(), want, 1e-6)
+
+
+def test_plan_follows_flops():
+    assert plan(100, 1, 100, 512, 512) == "token"
+    assert plan(100, 512, 100, 768, 768) == "materialize"
