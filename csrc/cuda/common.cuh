@@ -281,7 +281,7 @@ __device__ void mma_tile(float (*P)[LDP], const Args& p, const Chunk& ch) {
 }
 
 template <typename E, int kMode>
-__global__ void __launch_bounds__(THREADS) gram_tiles(const Args p) {
+__global__ void __launch_bounds__(THREADS, 2) gram_tiles(const Args p) {
   __shared__ __align__(128) float P[BM][LDP];  // product tile of the current chunk
   __shared__ float R[BM][BN];                   // P summed over the rows of each example
 
