@@ -1,57 +1,46 @@
 // score_dense on CUDA: S[n,q] = sum_t G[n,t]^T M[q] A[n,t].
-// One block per (n, q) pair; threads split the output rows o; fp32 accumulation.
+//
+// Design (details in common.cuh, "token Gram engine"): the "token" contraction as one GEMM with
+// a fused epilogue. Rows are the tokens (n,t) of A flattened to [N*T, din], columns are the
+// output rows (q,o) of M flattened to [Q*dout, din], so Y = A·M_flatᵀ holds (M_q a_t)[o]. A
+// block owns NB examples x QB queries (NB = max(1, 64 / T), QB = max(1, 64 / dout)) and walks
+// them in 64 x 64 chunks: the tile of Y by a K-loop over din (SIMT 4x4 register tiles for
+// float32, WMMA tensor cores for f16/bf16, fp32 accumulation), then the epilogue multiplies
+// Y[(n,t),(q,o)] by G[n,t,o] while summing over each example's tokens, and each query's dout
+// columns are summed into register accumulators of the block's NB x QB outputs.
+// Masked tokens are staged as zero rows of A and skipped (not multiplied) in the G epilogue, so
+// NaN in them cannot leak. No [N, T, Q, dout] intermediate, no atomics (deterministic).
 #include "common.cuh"
 
 namespace fastinf {
 namespace cuda {
-namespace {
-
-template <typename T>
-__global__ void score_dense_pairs(const T* __restrict__ A, const T* __restrict__ G,
-                                  const T* __restrict__ M, const uint8_t* __restrict__ a_mask,
-                                  float* __restrict__ out, int64_t T_, int64_t Q, int64_t din,
-                                  int64_t dout) {
-  const int64_t n = blockIdx.y;
-  const int64_t q = blockIdx.x;
-  const T* Mq = M + q * dout * din;
-  float acc = 0.f;
-  for (int64_t t = 0; t < T_; ++t) {
-    if (a_mask && !a_mask[n * T_ + t]) continue;
-    const T* a = A + (n * T_ + t) * din;
-    const T* g = G + (n * T_ + t) * dout;
-    for (int64_t o = threadIdx.x; o < dout; o += blockDim.x) {
-      const T* row = Mq + o * din;
-      float y = 0.f;
-      for (int64_t i = 0; i < din; ++i) y += to_f32(row[i]) * to_f32(a[i]);
-      acc += to_f32(g[o]) * y;
-    }
-  }
-  __shared__ float red[256];
-  red[threadIdx.x] = acc;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) out[n * Q + q] = red[0];
-}
-
-}  // namespace
 
 std::string score_dense(const void* A, const void* G, const void* M, const uint8_t* a_mask,
                         float* out, int64_t N, int64_t T, int64_t Q, int64_t din, int64_t dout,
                         int dtype, uintptr_t stream) {
-  if (N == 0 || Q == 0) return std::string();
-  if (N > 65535) return "score_dense: N > 65535 not supported by this kernel";
+  if (N <= 0 || Q <= 0) return std::string();
   auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    return "score_dense: unsupported dtype code " + std::to_string(dtype);
+  // No token, or no output row: every score is an empty sum.
+  if (T <= 0 || dout <= 0) return gram::zero_out(out, N, Q, st, "score_dense memset");
+  gram::Args p{};
+  p.X1 = A;  // [N*T, din]
+  p.Y1 = M;  // [Q*dout, din]
+  p.X2 = G;  // [N*T, dout], the epilogue factor
+  p.Y2 = nullptr;
+  p.row_mask = a_mask;  // [N*T] or null
+  p.col_mask = nullptr;
+  p.out = out;  // [N, Q]
+  p.N = N;
+  p.Q = Q;
+  p.T = T;
+  p.SEG = dout;
+  p.K1 = din;
+  p.K2 = 0;
   return dispatch_dtype(dtype, [&](auto tag) {
     using E = decltype(tag);
-    dim3 grid(static_cast<unsigned>(Q), static_cast<unsigned>(N));
-    score_dense_pairs<E><<<grid, 256, 0, st>>>(static_cast<const E*>(A),
-                                               static_cast<const E*>(G),
-                                               static_cast<const E*>(M), a_mask, out, T, Q, din,
-                                               dout);
-    return launch_error("score_dense launch");
+    return gram::launch<E, gram::kDense>(p, st, "score_dense launch");
   });
 }
 
