@@ -1,0 +1,114 @@
+"""Shared helpers of the benchmark scripts: timing, device names, CSV results.
+
+Benchmarks measure their baselines in the same run and report ratios; results are appended to
+``bench/results/<name>.csv`` with the device name so runs on different machines can be told apart.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable, device: str, *, min_time: float = 0.2, max_reps: int = 50,
+           warmup: int = 1) -> float:
+    """Median seconds per call of ``fn`` (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: List[float] = []
+    total = 0.0
+    while len(times) < max_reps and (total < min_time or len(times) < 3):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        total += dt
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable, device: str) -> int:
+    """Peak bytes allocated on a CUDA device during ``fn`` (0 on CPU, where it is not tracked)."""
+    if not device.startswith("cuda"):
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def append_rows(name: str, rows: List[Dict]):
+    """Appends ``rows`` to ``bench/results/<name>.csv`` (header written when the file is new)."""
+    if not rows:
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.csv"
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    fields = ["time"] + list(rows[0].keys())
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({"time": stamp, **r})
+    print(f"appended {len(rows)} rows to {path}")
+
+
+def print_table(rows: List[Dict], cols: List[str]):
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def gemm_tflops(device: str, dtype=torch.bfloat16, n: int = 8192) -> float:
+    """TFLOP/s of a square GEMM in ``dtype`` measured now on ``device`` (the roofline reference)."""
+    if not device.startswith("cuda"):
+        n = 1024
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = timeit(lambda: a @ b, device)
+    return 2 * n**3 / t / 1e12
+
+
+def env_device(default: str = "cpu") -> str:
+    return os.environ.get("FASTINF_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else default)

@@ -1,0 +1,57 @@
+"""Benchmark of fastinf.ops.score_dense against torch baselines measured in the same run.
+
+Baselines: ``materialize`` (per-example gradients for all examples, then one GEMM with the
+flattened M) and ``einsum_token`` (torch.einsum through the [N, T, Q, dout] intermediate); the
+faster is ``best_torch``. Usage: ``python bench/ops/score_dense.py [--quick]``.
+"""
+import torch
+
+from _runner import parse, run
+
+from fastinf.ops import score_dense
+from fastinf.ops.score_dense import CONTRACTIONS, flops, plan
+
+# (N, T, Q, din, dout)
+CPU = [
+    (1024, 1, 64, 512, 512),     # EK-FAC full-rank queries on an MLP layer
+    (2048, 1, 256, 256, 10),     # classifier head, many queries
+    (64, 256, 8, 27, 16),        # first conv layer
+    (64, 64, 16, 256, 256),      # sequence layer
+]
+CPU_QUICK = [(256, 1, 16, 128, 128), (32, 64, 4, 27, 16)]
+GPU = [
+    (8192, 1, 256, 2048, 2048),
+    (1024, 128, 64, 1024, 1024),
+    (512, 256, 16, 128, 64),
+    (256, 512, 64, 768, 768),
+]
+
+
+def make(shape, dtype, device):
+    N, T, Q, din, dout = shape
+    r = lambda *s: torch.randn(*s, device=device, dtype=dtype)
+    return r(N, T, din), r(N, T, dout), r(Q, dout, din)
+
+
+def materialize(A, G, M):
+    return torch.einsum("nte,ntd->ned", G, A).flatten(1) @ M.flatten(1).T
+
+
+def einsum_token(A, G, M):
+    return torch.einsum("ntqe,nte->nq", torch.einsum("ntd,qed->ntqe", A, M), G)
+
+
+def main():
+    args = parse(__doc__)
+    shapes = (GPU if args.device.startswith("cuda") else (CPU_QUICK if args.quick else CPU))
+    baselines = {
+        "materialize": (materialize, lambda s: 4 * s[0] * s[3] * s[4]),
+        "einsum_token": (einsum_token, lambda s: 4 * s[0] * s[1] * s[2] * s[4]),
+    }
+    run("score_dense", shapes, make,
+        lambda x, b, c: score_dense(*x, backend=b, contraction=c, check_finite=False),
+        baselines, flops, plan, CONTRACTIONS, args)
+
+
+if __name__ == "__main__":
+    main()
