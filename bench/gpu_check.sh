@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU machine (H100/H200; no network there): build fastinf
+# with nvcc, run the gpu-marked tests, run the op benchmarks, write a report under $OUT.
+# Budget: under 8 minutes. Build dependencies travel as wheels in .gpu-wheels/ (an ignored
+# folder filled here by tools/fetch_gpu_wheels.sh, carried to the device machine).
+#   run: bash bench/gpu_check.sh        (carry: [".gpu-wheels"])
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fastinf_gpu_out}
+mkdir -p "$OUT"
+REPORT="$OUT/report.md"
+t0=$(date +%s)
+step() { echo "== $1 ($(( $(date +%s) - t0 )) s)" | tee -a "$REPORT"; }
+
+{
+  echo "# fastinf GPU check $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
+  python -c "import triton; print('triton', triton.__version__)" 2>&1
+} >>"$REPORT"
+
+step "build (nvcc, sm_90)"
+if [ -d .gpu-wheels ]; then
+  python -m pip install -q --no-index --find-links .gpu-wheels pybind11 scikit-build-core ninja cmake >>"$OUT/build.log" 2>&1
+fi
+FASTINF_CUDA=on FASTINF_CUDA_ARCHS=90 python -m pip install -v --no-build-isolation --no-deps \
+  --no-index . >>"$OUT/build.log" 2>&1
+echo "build exit $?" | tee -a "$REPORT"
+(cd /tmp && python -m fastinf info) >>"$REPORT" 2>&1
+
+step "gpu tests"
+timeout 240 python -m pytest -q -m gpu tests -x -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1
+echo "gpu tests exit $? : $(tail -1 "$OUT/gpu_tests.txt")" | tee -a "$REPORT"
+
+step "op benchmarks"
+for b in bench/ops/[a-z]*.py; do
+  echo "--- $b" >>"$OUT/bench.txt"
+  timeout 150 python "$b" --device cuda >>"$OUT/bench.txt" 2>&1
+  echo "$b exit $?" | tee -a "$REPORT"
+done
+cp bench/results/*.csv "$OUT"/ 2>/dev/null
+step "done"
