@@ -42,7 +42,7 @@ constexpr int NV = NR / 8;
 
 FASTINF_INLINE v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 FASTINF_INLINE void store8(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
-FASTINF_INLINE v8 bcast(float x) { return v8{x, x, x, x, x, x, x, x}; }
+FASTINF_INLINE v8 bcast(float x) { return v8{} + x; }  // scalar operands broadcast
 
 // c[i][v] = sum_k Ap[k*MR+i] * Bp[k*NR + 8v .. 8v+7]
 FASTINF_INLINE void micro_kernel(const float* __restrict Ap, const float* __restrict Bp,
@@ -55,7 +55,7 @@ FASTINF_INLINE void micro_kernel(const float* __restrict Ap, const float* __rest
     const float* a = Ap + k * MR;
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
-      const v8 ai = bcast(a[i]);
+      const float ai = a[i];
       c[i][0] += ai * b0;
       c[i][1] += ai * b1;
     }
