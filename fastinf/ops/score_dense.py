@@ -139,7 +139,26 @@ def _fused_triton(A, G, M, a_mask):
     return score_dense_triton(A, G, M, a_mask)
 
 
-_FUSED = {"cpu": _fused_cpu, "cuda": _fused_cuda, "triton": _fused_triton, "torch": token_torch}
+def _cpu_token(A, G, M, a_mask):
+    """The ``"cpu"`` backend's token order: the C++ kernel iff ``din < 512``, else ``token_torch``.
+
+    Measured by ``bench/ops/_cpu_tuning.py`` (1 thread, AMD EPYC Zen 3; ratio = C++/torch)::
+
+        N    T   Q   din  dout  C++ ms  torch ms  ratio
+        256  1  16    64    64    0.58      0.79   0.74
+        256  1  64    27    16    0.32      0.58   0.56
+        256  1  16   512   512   66.32     64.90   1.02
+        256  1   4  1025  1024   98.90     52.87   1.87
+         64  8   8   256   256    7.25     16.98   0.43
+         32 64   1   256   256    3.50      6.57   0.53
+         32 64   4    64    32    0.53      1.39   0.38
+    """
+    if A.shape[2] < 512:
+        return _fused_cpu(A, G, M, a_mask)
+    return token_torch(A, G, M, a_mask)
+
+
+_FUSED = {"cpu": _cpu_token, "cuda": _fused_cuda, "triton": _fused_triton, "torch": token_torch}
 
 
 def _run(A, G, M, a_mask, backend: str, contraction: str) -> torch.Tensor:

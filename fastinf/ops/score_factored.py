@@ -166,11 +166,55 @@ def _fused_triton(A, G, V, U, a_mask, v_mask):
 _FUSED = {"cpu": _fused_cpu, "cuda": _fused_cuda, "triton": _fused_triton, "torch": factored_torch}
 
 
+def _cpu_prefers_cpp(T, S, din, dout) -> bool:
+    """Dispatch rule of the ``"cpu"`` backend's factored order: the C++ kernel where it measured
+    faster than ``factored_torch``, else the torch formulation.
+
+    C++ iff ``T·S >= 4096`` or (``din + dout <= 768`` and ``T >= S``). The C++ kernel never writes
+    the ``[T, S]`` Gram tiles to memory, so it wins where they dominate (many tokens, small
+    din+dout); torch's BLAS wins where the two GEMMs dominate (large din+dout, few token pairs)
+    and, with the current kernel, when the query side has many more tokens than the examples.
+
+    Measured by ``bench/ops/_cpu_tuning.py`` (1 thread, AMD EPYC Zen 3, AVX2; torch 2.13 MKL;
+    ms = min of up to 9 interleaved runs; ratio = C++/torch; * = rule picks C++)::
+
+        layer     N    T    Q    S  din dout   T*S  C++ ms torch ms ratio
+        mlp     256    1  256    1   64   64     1    0.38    0.38  0.99 *
+        mlp     256    1  256    1  256  256     1    1.28    1.40  0.91 *
+        mlp     256    1  256    1  512  512     1    2.08    2.21  0.94
+        mlp     256    1  256    1 1025 1024     1    4.67    4.56  1.02
+        conv     16  256   16  256   27   16 65536   25.44  338.54  0.08 *
+        conv      4 1024    4 1024   27   32 1e+06   81.76  444.89  0.18 *
+        conv     16  256   16  256  144   32 65536  171.99  572.24  0.30 *
+        conv     16   64   16   64  288   64  4096   17.74   21.17  0.84 *
+        conv     16   64   16   64  576  128  4096   44.78   47.94  0.93 *
+        conv     64   16   64   16  576   64   256   34.03   36.17  0.94 *
+        conv      8  256    8  256  600  128 65536   72.78  103.50  0.70 *
+        tfm      64   32   64   32   64   64  1024   14.53   64.28  0.23 *
+        tfm      32   32   32   32  512  512  1024   38.05   35.71  1.07
+        tfm      32   64   32   64  384  384  4096  173.32  273.58  0.63 *
+        tfm      32  128   32  128   64   64 16384   61.48  296.03  0.21 *
+        tfm       8  128    8  128  512  512 16384   31.79   31.69  1.00 *
+        tfm      64    4   64    4 1024 1024    16    7.94    8.00  0.99
+        lowrank 128   64   64    1  256  256    64    7.71   10.01  0.77 *
+        lowrank 128   64   64    8  256  256   512   50.56   94.30  0.54 *
+        lowrank 128   64   64   32  256  256  2048  205.93  413.96  0.50 *
+        lowrank  64  512   64    8   27   64  4096   84.03  448.44  0.19 *
+        lowrank 128    1   64   32  512  512    32   20.09   19.39  1.04
+        lowrank  32  128   32   32  512  512  4096  226.11  339.79  0.67 *
+        lowrank  64    1   64   64  256  256    64   11.74    6.36  1.84
+        lowrank  64    1   64   64  512  512    64   23.44   20.08  1.17
+    """
+    return T * S >= 4096 or (din + dout <= 768 and T >= S)
+
+
 def _cpu_factored(A, G, V, U, a_mask, v_mask):
-    # A single-token factored product is two GEMMs and a Hadamard product: torch's BLAS wins.
-    if A.shape[1] == 1 and V.shape[1] == 1:
-        return factored_torch(A, G, V, U, a_mask, v_mask)
-    return _fused_cpu(A, G, V, U, a_mask, v_mask)
+    """The ``"cpu"`` backend's factored order: C++ kernel or torch, by :func:`_cpu_prefers_cpp`."""
+    T, din = A.shape[1], A.shape[2]
+    S, dout = U.shape[1], U.shape[2]
+    if _cpu_prefers_cpp(T, S, din, dout):
+        return _fused_cpu(A, G, V, U, a_mask, v_mask)
+    return factored_torch(A, G, V, U, a_mask, v_mask)
 
 
 def _run(A, G, V, U, a_mask, v_mask, backend: str, contraction: str) -> torch.Tensor:
