@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -57,33 +58,87 @@ def timeit(fn: Callable, device: str, *, min_time: float = 0.2, max_reps: int = 
     return statistics.median(times)
 
 
-def peak_memory(fn: Callable, device: str) -> int:
-    """Peak bytes allocated on a CUDA device during ``fn`` (0 on CPU, where it is not tracked)."""
-    if not device.startswith("cuda"):
-        return 0
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def append_rows(name: str, rows: List[Dict]):
-    """Appends ``rows`` to ``bench/results/<name>.csv`` (header written when the file is new)."""
+class PeakMemory:
+    """Peak extra memory of a block: CUDA allocator peak, or sampled RSS above the start on CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak = 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = _rss()
+            self._stop = False
+            self._max = self.base
+
+            def watch():
+                while not self._stop:
+                    self._max = max(self._max, _rss())
+                    time.sleep(0.002)
+            self._t = threading.Thread(target=watch, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop = True
+            self._t.join()
+            self.peak = max(self._max, _rss()) - self.base
+
+
+def timed(fn, device):
+    """``(result, seconds, peak_bytes)`` of one call."""
+    with PeakMemory(device) as pm:
+        sync(str(device))
+        t0 = time.perf_counter()
+        out = fn()
+        sync(str(device))
+        dt = time.perf_counter() - t0
+    return out, dt, pm.peak
+
+
+def append_rows(name: str, rows: List[Dict]) -> Path:
+    """Appends ``rows`` to ``bench/results/<name>.csv`` with a ``time`` column.
+
+    Benchmarks of different ops share a file with different columns: when new columns appear,
+    the file is rewritten with the union of the headers (earlier rows kept, new cells empty).
+    """
     if not rows:
-        return
+        return RESULTS / f"{name}.csv"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    fields = ["time"] + list(rows[0].keys())
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        if new:
+    new_fields = ["time"] + [k for r in rows for k in r]
+    old_rows: List[Dict] = []
+    fields: List[str] = []
+    if path.exists():
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    union = fields + [f for f in dict.fromkeys(new_fields) if f not in fields]
+    mode = "a" if union == fields else "w"
+    with open(path, mode, newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=union, extrasaction="ignore")
+        if mode == "w":
             w.writeheader()
+            w.writerows(old_rows)
         for r in rows:
             w.writerow({"time": stamp, **r})
     print(f"appended {len(rows)} rows to {path}")
+    return path
 
 
 def print_table(rows: List[Dict], cols: List[str]):

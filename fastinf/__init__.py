@@ -4,3 +4,8 @@ from . import ops
 
 __version__ = "0.1.0"
 __all__ = ["backends", "ops", "__version__"]
+
+# --- ekfac
+from .ekfac import EKFAC  # noqa: E402
+
+__all__ += ["EKFAC"]

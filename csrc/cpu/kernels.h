@@ -23,3 +23,13 @@ int num_threads();
 
 }  // namespace cpu
 }  // namespace fastinf
+
+// --- ekfac_lambda
+namespace fastinf {
+namespace cpu {
+// out[o,i] = sum_n (sum_t Gt[n,t,o] * At[n,t,i])^2 on rotated factors (At = A Q_A, Gt = G Q_S)
+// At [N,T,din], Gt [N,T,dout], a_mask [N,T], out [dout,din] (overwritten)
+void ekfac_lambda_f32(const float* At, const float* Gt, const uint8_t* a_mask, float* out,
+                      int64_t N, int64_t T, int64_t din, int64_t dout);
+}  // namespace cpu
+}  // namespace fastinf

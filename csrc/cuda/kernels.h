@@ -28,3 +28,13 @@ int runtime_version();
 
 }  // namespace cuda
 }  // namespace fastinf
+
+// --- ekfac_lambda
+namespace fastinf {
+namespace cuda {
+// out[o,i] = sum_n (sum_t Gt[n,t,o] * At[n,t,i])^2; shapes as in cpu/kernels.h.
+std::string ekfac_lambda(const void* At, const void* Gt, const uint8_t* a_mask, float* out,
+                         int64_t N, int64_t T, int64_t din, int64_t dout, int dtype,
+                         uintptr_t stream);
+}  // namespace cuda
+}  // namespace fastinf

@@ -8,3 +8,8 @@ from .score_dense import score_dense, score_dense_reference
 from .score_factored import score_factored, score_factored_reference
 
 __all__ = ["score_factored", "score_factored_reference", "score_dense", "score_dense_reference"]
+
+# --- ekfac
+from .ekfac_lambda import ekfac_lambda, ekfac_lambda_reference  # noqa: E402
+
+__all__ += ["ekfac_lambda", "ekfac_lambda_reference"]

@@ -1,0 +1,309 @@
+"""EK-FAC influence functions (Kronfluence conventions), over the fused ops.
+
+Per tracked layer (see DESIGN.md §1):
+
+* ``A = E[a aᵀ]`` and ``S = E[g gᵀ]``, averaged over (unmasked) tokens, eigendecomposed in float64;
+* eigenvalue correction ``Λ = mean_n (Q_Sᵀ D_n Q_A)^∘2`` over examples (op ``ekfac_lambda``);
+* ``H⁻¹D = Q_S [(Q_Sᵀ D Q_A) ⊘ (Λ + λ)] Q_Aᵀ``, ``λ = 0.1·mean(Λ)`` per layer unless given;
+* ``score(q, n) = Σ_layers ⟨H⁻¹D_q, D_n⟩`` (positive = training example n lowers the query's
+  measurement, as Kronfluence), ``self(n) = Σ_layers ⟨H⁻¹D_n, D_n⟩``; not divided by n_train.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from ._pass import factor_pass, model_device
+from .capture import layer_shape, tracked_modules
+from .data import num_examples
+from .ops import _common as c
+from .ops.ekfac_lambda import ekfac_lambda
+from .ops.score_dense import flops as dense_flops
+from .ops.score_dense import score_dense
+from .ops.score_factored import flops as factored_flops
+from .ops.score_factored import score_factored
+
+FORMAT = "fastinf.ekfac"
+VERSION = 1
+
+
+def _dense_contraction(a_shape, m_shape):
+    """``"materialize"`` (per-example gradients, then one BLAS GEMM) unless the fused token order
+    saves more than 2x FLOPs: GEMM throughput beats the fused kernels by more than that on CPU
+    (measured 15x at T=1), so near-ties go to the GEMM."""
+    N, T, din = a_shape
+    Q, dout, _ = m_shape
+    f = dense_flops(N, T, Q, din, dout)
+    return "materialize" if f["materialize"] <= 2 * f["token"] else None
+
+
+class EKFAC:
+    """EK-FAC influence of training examples on queries.
+
+    Args:
+        model: the trained model (its device and dtype are used; float32/bf16/float64).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example training losses (summed over
+            tokens); differentiated on the training side of the scores.
+        modules: names or module objects to track (default every Linear/Conv2d with a trainable
+            weight).
+        damping: None for ``0.1·mean(Λ)`` per layer (Kronfluence's heuristic), or a float λ.
+        fisher_loss_fn: the loss the curvature is fitted on (default ``loss_fn``: empirical Fisher).
+        token_mask_fn: ``token_mask_fn(batch) -> [B, T] bool``; False tokens (padding) are
+            excluded from the factors and the token counts.
+        progress: show a tqdm bar for every pass.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, *, modules=None,
+                 damping: Optional[float] = None, fisher_loss_fn: Optional[Callable] = None,
+                 token_mask_fn: Optional[Callable] = None, progress: bool = True):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))
+                                    or not damping >= 0):
+            raise ValueError(f"damping must be None (heuristic) or a float >= 0, got {damping!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.modules = tracked_modules(model, modules)
+        self.damping = None if damping is None else float(damping)
+        self.fisher_loss_fn = fisher_loss_fn or loss_fn
+        self.token_mask_fn = token_mask_fn
+        self.progress = progress
+        self.factors: Optional[Dict[str, dict]] = None
+        self.n_fit = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the factors and scores: float64 for float64 models, else float32."""
+        for p in self.model.parameters():
+            if p.dtype == torch.float64:
+                return torch.float64
+        return torch.float32
+
+    def _pass(self, data, batch_size, loss_fn, desc, what, name):
+        return factor_pass(self.model, loss_fn, data, self.modules, batch_size,
+                           token_mask_fn=self.token_mask_fn, desc=desc, progress=self.progress,
+                           what=what, name=name)
+
+    def _require_fit(self, what):
+        if self.factors is None:
+            raise RuntimeError(f"EKFAC.{what}: the factors are not fitted; call fit(train) or "
+                               "EKFAC.load(path, model, loss_fn) first")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train, batch_size: int = 64) -> "EKFAC":
+        """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ."""
+        dt = self.dtype
+        dev = self.device
+        cov = OrderedDict()
+        for name, m in self.modules.items():
+            dout, din = layer_shape(m)
+            cov[name] = dict(A=torch.zeros(din, din, dtype=dt, device=dev), nA=0,
+                             S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0)
+        for _, factors in self._pass(train, batch_size, self.fisher_loss_fn, "EK-FAC covariances",
+                                     "fisher_loss_fn", "train"):
+            for name, lb in factors.items():
+                st = cov[name]
+                A = lb.A.reshape(-1, lb.din).to(dt)
+                G = lb.G.reshape(-1, lb.dout).to(dt)
+                ntok = A.shape[0] if lb.mask is None else int(lb.mask.sum())
+                st["A"].addmm_(A.T, A)
+                st["S"].addmm_(G.T, G)
+                st["nA"] += ntok
+                st["nS"] += ntok
+        layers = OrderedDict()
+        for name, st in cov.items():
+            nA, nS = max(st["nA"], 1), max(st["nS"], 1)
+            eA, QA = torch.linalg.eigh(st["A"].double() / nA)
+            eS, QS = torch.linalg.eigh(st["S"].double() / nS)
+            layers[name] = dict(QA=QA.to(dt).contiguous(), QS=QS.to(dt).contiguous(),
+                                eigA=eA, eigS=eS, nA=st["nA"],
+                                lam=torch.zeros(QS.shape[0], QA.shape[0], dtype=dt, device=dev))
+        del cov
+        n = 0
+        for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
+                                     "EK-FAC eigenvalue correction", "fisher_loss_fn", "train"):
+            for name, lb in factors.items():
+                L = layers[name]
+                L["lam"] += ekfac_lambda(lb.A.to(dt), lb.G.to(dt), L["QA"], L["QS"],
+                                         a_mask=lb.mask).to(dt)
+            n += next(iter(factors.values())).A.shape[0]
+        for name, L in layers.items():
+            L["lam"] /= max(n, 1)
+            lam_d = 0.1 * float(L["lam"].double().mean()) if self.damping is None else self.damping
+            L["damping"] = lam_d
+        self.factors = layers
+        self.n_fit = n
+        return self
+
+    # ------------------------------------------------------------------ preconditioning
+    def _inv_denominator(self, name):
+        L = self.factors[name]
+        return 1.0 / (L["lam"] + L["damping"])
+
+    def precondition(self, name: str, D: torch.Tensor) -> torch.Tensor:
+        """``H⁻¹D`` of layer ``name`` for gradients ``D`` [..., dout, din]."""
+        L = self.factors[name]
+        QA, QS = L["QA"], L["QS"]
+        R = QS.T @ D.to(QA.dtype) @ QA
+        R = R * self._inv_denominator(name)
+        return QS @ R @ QA.T
+
+    def _query_matrices(self, query, batch_size, measurement_fn):
+        """Preconditioned query gradients ``{name: M [Q, dout, din]}`` and max query tokens."""
+        dt = self.dtype
+        Ds = {name: [] for name in self.modules}
+        tmax = {name: 0 for name in self.modules}
+        for _, factors in self._pass(query, batch_size, measurement_fn, "EK-FAC query gradients",
+                                     "measurement_fn", "query"):
+            for name, lb in factors.items():
+                Ds[name].append(self.precondition(
+                    name, torch.bmm(lb.G.to(dt).transpose(1, 2), lb.A.to(dt))))
+                T = lb.A.shape[1] if lb.mask is None else int(lb.mask.sum(1).max())
+                tmax[name] = max(tmax[name], T)
+        return {name: torch.cat(v, 0) for name, v in Ds.items()}, tmax
+
+    def _plan_layer(self, M, query_rank, tq, t_train, n_train):
+        """``("dense", M)`` or ``("factored", V, U)`` for one layer (see pairwise_scores)."""
+        Q, dout, din = M.shape
+        if query_rank is not None:
+            r = min(int(query_rank), dout, din)
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            L = U[:, :, :r] * S[:, None, :r]
+            return ("factored", Vh[:, :r, :].contiguous(), L.transpose(1, 2).contiguous())
+        # Exact low rank only pays when the factors are much smaller than M; H⁻¹D_q is *not*
+        # rank ≤ T_q in general (the ⊘ (Λ+λ) is elementwise), so the rank is measured.
+        if tq * (dout + din) * 4 < dout * din and min(dout, din) <= 2048:
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            tol = (1e-13 if M.dtype == torch.float64 else 1e-7) * max(dout, din)
+            keep = S > S[:, :1] * tol
+            r = max(int(keep.sum(1).max()), 1)
+            fd = min(dense_flops(n_train, t_train, Q, din, dout).values())
+            ff = min(factored_flops(n_train, t_train, Q, r, din, dout).values())
+            if ff < fd:
+                L = U[:, :, :r] * S[:, None, :r]
+                return ("factored", Vh[:, :r, :].contiguous(), L.transpose(1, 2).contiguous())
+        return ("dense", M.contiguous())
+
+    # ------------------------------------------------------------------ scores
+    def pairwise_scores(self, query, train, batch_size: int = 64, query_rank: Optional[int] = None,
+                        measurement_fn: Optional[Callable] = None) -> torch.Tensor:
+        """``[n_query, n_train]`` float32 influence scores ``Σ_layers ⟨H⁻¹D_q, D_n⟩``.
+
+        ``query_rank=r`` approximates each preconditioned query gradient by its rank-r truncated
+        SVD (``score_factored``); None is exact (``score_dense``, or exact low-rank factors when
+        the preconditioned query gradients have a small numerical rank).
+        """
+        self._require_fit("pairwise_scores")
+        if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int)
+                                       or query_rank < 1):
+            raise ValueError(f"query_rank must be None or a positive int, got {query_rank!r}")
+        dt = self.dtype
+        n_train = num_examples(train)
+        Ms, tmax = self._query_matrices(query, batch_size, measurement_fn or self.loss_fn)
+        Q = next(iter(Ms.values())).shape[0]
+        plans = {}
+        out = torch.zeros(Q, n_train, dtype=dt, device=self.device)
+        for offset, factors in self._pass(train, batch_size, self.loss_fn, "EK-FAC pairwise scores",
+                                          "loss_fn", "train"):
+            for name, lb in factors.items():
+                if name not in plans:
+                    plans[name] = self._plan_layer(Ms.pop(name), query_rank, tmax[name],
+                                                   lb.A.shape[1], n_train)
+                p = plans[name]
+                A, G = lb.A.to(dt), lb.G.to(dt)
+                if p[0] == "dense":
+                    s = score_dense(A, G, p[1], a_mask=lb.mask,
+                                    contraction=_dense_contraction(A.shape, p[1].shape))
+                else:
+                    s = score_factored(A, G, p[1], p[2], a_mask=lb.mask)
+                out[:, offset:offset + A.shape[0]] += s.T.to(dt)
+        return out.float()
+
+    def self_scores(self, train, batch_size: int = 64) -> torch.Tensor:
+        """``[n_train]`` float32 self-influence ``Σ_layers ⟨H⁻¹D_n, D_n⟩``, in the eigenbasis:
+        ``Σ ((G_n Q_S)ᵀ (A_n Q_A))^∘2 ⊘ (Λ + λ)``, examples in workspace-sized tiles."""
+        self._require_fit("self_scores")
+        dt = self.dtype
+        out = torch.zeros(num_examples(train), dtype=dt, device=self.device)
+        inv = {name: self._inv_denominator(name) for name in self.modules}
+        for offset, factors in self._pass(train, batch_size, self.loss_fn, "EK-FAC self scores",
+                                          "loss_fn", "train"):
+            for name, lb in factors.items():
+                L = self.factors[name]
+                At = c.mask_rows(lb.A.to(dt), lb.mask) @ L["QA"]
+                Gt = c.mask_rows(lb.G.to(dt), lb.mask) @ L["QS"]
+                B = At.shape[0]
+                nc = c.chunk(B, 2 * lb.din * lb.dout * torch.finfo(dt).bits // 8)
+                for n0 in range(0, B, nc):
+                    R = torch.bmm(Gt[n0:n0 + nc].transpose(1, 2), At[n0:n0 + nc])
+                    out[offset + n0:offset + n0 + R.shape[0]] += (R * R * inv[name]).sum((1, 2))
+        return out.float()
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        self._require_fit("save")
+        layers = OrderedDict()
+        for name, L in self.factors.items():
+            dout, din = layer_shape(self.modules[name])
+            layers[name] = dict(QA=L["QA"].cpu(), QS=L["QS"].cpu(), lam=L["lam"].cpu(),
+                                eigA=L["eigA"].cpu(), eigS=L["eigS"].cpu(),
+                                damping=L["damping"], shape=(dout, din),
+                                type=type(self.modules[name]).__name__)
+        return dict(format=FORMAT, version=VERSION, damping=self.damping, n_fit=self.n_fit,
+                    layers=layers)
+
+    def save(self, path) -> None:
+        """Writes the fitted factors (Q_A, Q_S, Λ, λ, module names/shapes, settings)."""
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path, model: nn.Module, loss_fn: Callable, **kwargs) -> "EKFAC":
+        """Restores factors saved by :meth:`save` for ``model`` (same tracked module names and
+        shapes, else ValueError). ``kwargs`` as in the constructor (``modules`` excluded)."""
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(st, dict) or st.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a fastinf EK-FAC factor file")
+        if st.get("version") != VERSION:
+            raise ValueError(f"{path}: factor file version {st.get('version')} is not supported "
+                             f"(expected {VERSION})")
+        if "modules" in kwargs:
+            raise TypeError("EKFAC.load: the tracked modules come from the file; drop modules=")
+        names = list(st["layers"])
+        named = dict(model.named_modules())
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(f"EKFAC.load: the model has no module(s) {missing} that the factors in "
+                             f"{path} were fitted on; load them onto the same architecture")
+        for n in names:
+            m = named[n]
+            exp = tuple(st["layers"][n]["shape"])
+            try:
+                got = layer_shape(m)
+            except AttributeError:
+                got = None
+            if got != exp:
+                raise ValueError(f"EKFAC.load: module {n!r} is a {type(m).__name__} with gradient "
+                                 f"shape {got}; the factors were fitted on shape {exp}")
+        override = "damping" in kwargs
+        kwargs.setdefault("damping", st["damping"])
+        ek = cls(model, loss_fn, modules=names, **kwargs)
+        dev, dt = ek.device, ek.dtype
+        ek.factors = OrderedDict()
+        for n in names:
+            L = st["layers"][n]
+            lam = L["lam"].to(dev, dt)
+            d = L["damping"]
+            if override:  # a damping given to load() replaces the stored one
+                d = 0.1 * float(lam.double().mean()) if ek.damping is None else ek.damping
+            ek.factors[n] = dict(QA=L["QA"].to(dev, dt), QS=L["QS"].to(dev, dt), lam=lam,
+                                 eigA=L["eigA"], eigS=L["eigS"], damping=d)
+        ek.n_fit = st["n_fit"]
+        return ek

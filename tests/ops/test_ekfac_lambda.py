@@ -1,0 +1,136 @@
+"""ekfac_lambda: every backend against the float64 reference."""
+import pytest
+import torch
+
+from fastinf import backends
+from fastinf.ops import ekfac_lambda, ekfac_lambda_reference
+
+SHAPES = [  # N, T, din, dout
+    (3, 1, 5, 4),
+    (4, 7, 13, 9),
+    (0, 3, 6, 5),
+    (5, 33, 17, 70),
+    (2, 2, 130, 3),
+]
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+CPU_BACKENDS = ["torch", "cpu", "triton"]
+
+
+def _orth(d, dtype=torch.float64):
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    return q.to(dtype)
+
+
+def _inputs(N, T, din, dout, mask=False, device="cpu"):
+    A = torch.randn(N, T, din, dtype=torch.float64, device=device)
+    G = torch.randn(N, T, dout, dtype=torch.float64, device=device)
+    m = None
+    if mask:
+        m = torch.rand(N, T, device=device) > 0.4
+        if N:
+            m[0] = False  # an all-masked example
+            A[0] = float("nan")  # masked garbage must not leak
+    return A, G, _orth(din).to(device), _orth(dout).to(device), m
+
+
+def _brute(A, G, QA, QS, m):
+    out = torch.zeros(G.shape[2], A.shape[2], dtype=torch.float64)
+    for n in range(A.shape[0]):
+        a, g = A[n], G[n]
+        if m is not None:
+            a, g = a[m[n]], g[m[n]]
+        D = g.T @ a
+        out += (QS.T @ D @ QA) ** 2
+    return out
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    scale = ref.abs().max().clamp_min(1e-30)
+    err = ((out.double() - ref).abs().max() / scale).item()
+    assert err <= TOL[dtype], err
+
+
+def _usable(b, device="cpu"):
+    st = backends()[b]
+    return st.available
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mask", [False, True])
+def test_reference_matches_brute_force(shape, mask):
+    A, G, QA, QS, m = _inputs(*shape, mask=mask)
+    ref = ekfac_lambda_reference(A, G, QA, QS, m)
+    assert torch.allclose(ref, _brute(A, G, QA, QS, m), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backends_cpu(backend, shape, mask, dtype):
+    if not _usable(backend):
+        pytest.skip(f"{backend} not usable here")
+    if backend == "triton" and dtype != torch.float32:
+        pytest.skip("interpreter: float32 suffices")
+    A, G, QA, QS, m = _inputs(*shape, mask=mask)
+    A, G = A.to(dtype), G.to(dtype)
+    ref = ekfac_lambda_reference(A.double(), G.double(), QA, QS, m)
+    out = ekfac_lambda(A, G, QA.float(), QS.float(), a_mask=m, backend=backend, contraction="rotate")
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_materialize_order(shape):
+    A, G, QA, QS, m = _inputs(*shape, mask=True)
+    ref = ekfac_lambda_reference(A, G, QA, QS, m)
+    out = ekfac_lambda(A.float(), G.float(), QA, QS, a_mask=m, contraction="materialize")
+    _check(out, ref, torch.float32)
+
+
+def test_non_contiguous_and_float64():
+    A = torch.randn(6, 9, 4, dtype=torch.float64).transpose(1, 2)  # [6,4,9] non-contiguous
+    G = torch.randn(6, 5, 4, dtype=torch.float64).transpose(1, 2)  # [6,4,5]
+    QA, QS = _orth(9), _orth(5)
+    ref = _brute(A, G, QA, QS, None)
+    assert torch.allclose(ekfac_lambda(A, G, QA, QS), ref, rtol=1e-10)
+    for b in ("torch", "cpu"):
+        _check(ekfac_lambda(A.float(), G.float(), QA.float(), QS.float(), backend=b), ref,
+               torch.float32)
+
+
+def test_validation_names_arguments():
+    A, G, QA, QS, _ = _inputs(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="'QA'"):
+        ekfac_lambda(A, G, QS, QS)
+    with pytest.raises(ValueError, match="'G'"):
+        ekfac_lambda(A, G[:1], QA, QS)
+    with pytest.raises(TypeError, match="'a_mask'"):
+        ekfac_lambda(A, G, QA, QS, a_mask=torch.ones(2, 3))
+    with pytest.raises(TypeError, match="float64"):
+        ekfac_lambda(A, G, QA, QS, backend="cpu")
+    with pytest.raises(ValueError, match="'A'.*index 1"):
+        A2 = A.float().clone()
+        A2[1, 0, 0] = float("inf")
+        ekfac_lambda(A2, G.float(), QA, QS)
+
+
+def test_custom_op_registered():
+    A, G, QA, QS, _ = _inputs(2, 3, 4, 5)
+    out = torch.ops.fastinf.ekfac_lambda(A.float(), G.float(), QA.float(), QS.float(), None,
+                                         "torch", "auto")
+    assert out.shape == (5, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backends_cuda(backend, shape, dtype):
+    if backend == "cuda" and not backends()["cuda"].available:
+        pytest.skip("cuda backend not built")
+    A, G, QA, QS, m = _inputs(*shape, mask=True, device="cuda")
+    ref = ekfac_lambda_reference(A, G, QA, QS, m).cpu()
+    out = ekfac_lambda(A.to(dtype), G.to(dtype), QA.float(), QS.float(), a_mask=m,
+                       backend=backend, contraction="rotate")
+    _check(out.cpu(), ref, dtype if dtype != torch.float16 else torch.float16)

@@ -1,0 +1,305 @@
+"""EK-FAC end to end against a brute-force float64 EK-FAC written from the formulas."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import fastinf
+from fastinf.capture import NonFiniteError
+
+torch.set_default_dtype(torch.float32)
+
+
+# ----------------------------------------------------------------------------- models / data
+class TinyLM(nn.Module):
+    """Embedding -> Linear -> tanh -> causal mean over tokens -> Linear to the vocabulary."""
+
+    def __init__(self, V=11, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.fc = nn.Linear(d, 7)
+        self.out = nn.Linear(7, V)
+
+    def forward(self, x):  # [B, T]
+        h = torch.tanh(self.fc(self.emb(x)))
+        csum = h.cumsum(1) / torch.arange(1, x.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.out(csum)
+
+
+def lm_loss(model, batch):
+    x, m = batch
+    logits = model(x[:, :-1])
+    ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    return (ce * m[:, 1:]).sum(1)
+
+
+def lm_mask(batch):
+    # input token t counts iff its target t+1 is a real token
+    return batch[1][:, 1:].bool()
+
+
+def cls_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def make_case(kind):
+    g = torch.Generator().manual_seed(1)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        X = torch.randn(24, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (24,), generator=g)
+        return model, cls_loss, None, (X, y)
+    if kind == "cnn":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(3 * 3 * 3, 4)).double()
+        X = torch.randn(16, 2, 5, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 4, (16,), generator=g)
+        return model, cls_loss, None, (X, y)
+    model = TinyLM().double()
+    x = torch.randint(0, 11, (14, 7), generator=g)
+    lens = torch.randint(2, 8, (14,), generator=g)
+    m = torch.arange(7)[None, :] < lens[:, None]
+    x = torch.where(m, x, 0)
+    return model, lm_loss, lm_mask, (x, m.double())
+
+
+# ----------------------------------------------------------------------------- brute force
+def brute_tokens(model, loss_fn, mask_fn, data, names):
+    """Per-layer lists of unmasked (a_t, g_t) per example via hooks + retain_grad (own unfold)."""
+    mods = dict(model.named_modules())
+    acts, outs = {}, {}
+
+    def hook(name):
+        def f(mod, args, out):
+            x = args[0]
+            if isinstance(mod, nn.Conv2d):
+                a = F.unfold(x, mod.kernel_size, padding=mod.padding, stride=mod.stride).transpose(1, 2)
+            else:
+                a = x.reshape(x.shape[0], -1, x.shape[-1])
+            acts[name] = torch.cat([a, torch.ones_like(a[..., :1])], -1).detach()
+            out.retain_grad()
+            outs[name] = out
+        return f
+
+    hs = [mods[n].register_forward_hook(hook(n)) for n in names]
+    loss_fn(model, data).sum().backward()
+    for h in hs:
+        h.remove()
+    model.zero_grad()
+    res = {}
+    for n in names:
+        go = outs[n].grad
+        if isinstance(mods[n], nn.Conv2d):
+            go = go.flatten(2).transpose(1, 2)
+        else:
+            go = go.reshape(go.shape[0], -1, go.shape[-1])
+        a = acts[n]
+        keep = torch.ones(a.shape[:2], dtype=torch.bool)
+        if mask_fn is not None and mask_fn(data).shape == a.shape[:2]:
+            keep = mask_fn(data).bool()
+        res[n] = (a, go, keep)
+    return res
+
+
+def per_example_grads(model, loss_fn, data, names):
+    """``{name: D [N, dout, din]}`` via torch.func (bias as last column)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, *ex):
+        batch = tuple(e[None] for e in ex)
+        return functional_call(model, p, (batch[0],)) if False else loss_fn(
+            _Bound(model, p), batch).sum()
+
+    gs = vmap(grad(one), in_dims=(None,) + (0,) * len(data))(params, *data)
+    out = {}
+    for n in names:
+        w = gs[f"{n}.weight"]
+        out[n] = torch.cat([w.reshape(w.shape[0], w.shape[1], -1), gs[f"{n}.bias"][..., None]], -1)
+    return out
+
+
+class _Bound:
+    def __init__(self, model, params):
+        self.model, self.params = model, params
+
+    def __call__(self, *args):
+        return functional_call(self.model, self.params, args)
+
+
+def brute_ekfac(model, loss_fn, mask_fn, train, names, damping=None):
+    tok = brute_tokens(model, loss_fn, mask_fn, train, names)
+    D = per_example_grads(model, loss_fn, train, names)
+    N = train[0].shape[0]
+    fac = {}
+    for n in names:
+        a, g, keep = tok[n]
+        af, gf = a[keep], g[keep]
+        A = af.T @ af / af.shape[0]
+        S = gf.T @ gf / gf.shape[0]
+        _, QA = torch.linalg.eigh(A)
+        _, QS = torch.linalg.eigh(S)
+        lam = ((QS.T @ D[n] @ QA) ** 2).mean(0)
+        lam_d = 0.1 * lam.mean() if damping is None else damping
+        fac[n] = dict(A=A, S=S, QA=QA, QS=QS, lam=lam, damping=lam_d)
+    return fac, D
+
+
+def brute_scores(fac, Dq, Dn, names):
+    S = 0
+    for n in names:
+        f = fac[n]
+        R = f["QS"].T @ Dq[n] @ f["QA"] / (f["lam"] + f["damping"])
+        M = f["QS"] @ R @ f["QA"].T
+        S = S + torch.einsum("qoi,noi->qn", M, Dn[n])
+    return S
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lm"])
+def test_against_brute_force(kind):
+    model, loss_fn, mask_fn, train = make_case(kind)
+    ek = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False).fit(train, batch_size=5)
+    names = list(ek.modules)
+    fac, D = brute_ekfac(model, loss_fn, mask_fn, train, names)
+    for n in names:
+        L = ek.factors[n]
+        A = L["QA"] @ torch.diag(L["eigA"]) @ L["QA"].T
+        S = L["QS"] @ torch.diag(L["eigS"]) @ L["QS"].T
+        assert rel(A, fac[n]["A"]) < 1e-6
+        assert rel(S, fac[n]["S"]) < 1e-6
+        # Λ is basis-dependent only up to eigenvector signs (squared): compare directly
+        assert rel(L["lam"], fac[n]["lam"]) < 1e-6, n
+        assert abs(L["damping"] - float(fac[n]["damping"])) < 1e-6 * abs(float(fac[n]["damping"]))
+    q = tuple(t[:4] for t in train)
+    ref = brute_scores(fac, {n: D[n][:4] for n in names}, D, names)
+    got = ek.pairwise_scores(q, train, batch_size=6)
+    assert got.dtype == torch.float32 and got.shape == (4, train[0].shape[0])
+    assert rel(got, ref) < 1e-6
+    self_ref = torch.stack([brute_scores(fac, {n: D[n][i:i + 1] for n in names},
+                                         {n: D[n][i:i + 1] for n in names}, names)[0, 0]
+                            for i in range(train[0].shape[0])])
+    assert rel(ek.self_scores(train, batch_size=7), self_ref) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    model, loss_fn, mask_fn, train = make_case("lm")
+    ek = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False).fit(train, batch_size=4)
+    return ek, model, loss_fn, mask_fn, train
+
+
+def test_invariances(fitted, tmp_path):
+    ek, model, loss_fn, mask_fn, train = fitted
+    q = tuple(t[:3] for t in train)
+    S = ek.pairwise_scores(q, train, batch_size=4)
+    # batch size
+    ek2 = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False).fit(train, batch_size=9)
+    assert rel(ek2.pairwise_scores(q, train, batch_size=5), S) < 1e-6
+    # data order: permuted train -> permuted columns (fit on permuted data too)
+    perm = torch.randperm(train[0].shape[0])
+    tp = tuple(t[perm] for t in train)
+    ek3 = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False).fit(tp, batch_size=4)
+    assert rel(ek3.pairwise_scores(q, tp, batch_size=4), S[:, perm]) < 1e-6
+    # padding: extra padded columns change nothing
+    x, m = train
+    xp = torch.cat([x, torch.zeros(x.shape[0], 3, dtype=x.dtype)], 1)
+    mp = torch.cat([m, torch.zeros(m.shape[0], 3, dtype=m.dtype)], 1)
+    ek4 = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False).fit((xp, mp), batch_size=4)
+    qp = (xp[:3], mp[:3])
+    assert rel(ek4.pairwise_scores(qp, (xp, mp), batch_size=4), S) < 1e-6
+    # self == diag(pairwise(train, train))
+    full = ek.pairwise_scores(train, train, batch_size=4)
+    assert rel(ek.self_scores(train, batch_size=3), full.diagonal()) < 1e-6
+    # save -> load -> same scores
+    p = tmp_path / "f.pt"
+    ek.save(p)
+    ek5 = fastinf.EKFAC.load(p, model, loss_fn, token_mask_fn=mask_fn, progress=False)
+    assert torch.equal(ek5.pairwise_scores(q, train, batch_size=4), S)
+
+
+def test_low_rank_converges(fitted):
+    from scipy.stats import spearmanr
+    ek, model, loss_fn, mask_fn, train = fitted
+    q = tuple(t[:3] for t in train)
+    S = ek.pairwise_scores(q, train, batch_size=4)
+    full_rank = max(min(L["QA"].shape[0], L["QS"].shape[0]) for L in ek.factors.values())
+    rho = [spearmanr(ek.pairwise_scores(q, train, batch_size=4, query_rank=r).flatten(),
+                     S.flatten())[0] for r in (1, 3, full_rank)]
+    assert rho[-1] >= 0.99
+    assert rel(ek.pairwise_scores(q, train, batch_size=4, query_rank=full_rank), S) < 1e-6
+
+
+def test_bad_inputs(tmp_path, fitted):
+    model, loss_fn, _, train = make_case("mlp")
+    with pytest.raises(ValueError, match="one loss per example"):
+        fastinf.EKFAC(model, lambda m, b: loss_fn(m, b).sum(), progress=False).fit(train)
+
+    bad = train[0][7]
+
+    def is_bad(x):
+        return (x == bad).flatten(1).all(1)
+
+    def nan_loss(m, b):
+        loss = loss_fn(m, b)
+        return torch.where(is_bad(b[0]), float("nan"), loss)
+    with pytest.raises(NonFiniteError, match="example 7"):
+        fastinf.EKFAC(model, nan_loss, progress=False).fit(train, batch_size=5)
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, rows):
+            ctx.save_for_backward(rows)
+            return h.clone()
+
+        @staticmethod
+        def backward(ctx, go):
+            (rows,) = ctx.saved_tensors
+            return torch.where(rows[:, None], float("nan"), go), None
+
+    def nan_grad(m, b):  # finite loss, non-finite gradient reaching the first layer's output
+        x, y = b
+        h = NanGrad.apply(m[0](x), is_bad(x))
+        return F.cross_entropy(m[2](m[1](h)), y, reduction="none")
+    with pytest.raises(NonFiniteError, match=r"module '0'.*example 7"):
+        fastinf.EKFAC(model, nan_grad, progress=False).fit(train, batch_size=5)
+    with pytest.raises(ValueError, match="empty"):
+        fastinf.EKFAC(model, loss_fn, progress=False).fit((train[0][:0], train[1][:0]))
+    with pytest.raises(ValueError, match="no supported modules"):
+        fastinf.EKFAC(nn.Sequential(nn.Tanh()), loss_fn)
+    with pytest.raises(RuntimeError, match="fit"):
+        fastinf.EKFAC(model, loss_fn, progress=False).pairwise_scores(train, train)
+    ek = fitted[0]
+    p = tmp_path / "f.pt"
+    ek.save(p)
+    with pytest.raises(ValueError, match="no module"):
+        fastinf.EKFAC.load(p, model, loss_fn)
+    other = TinyLM(d=5).double()
+    with pytest.raises(ValueError, match="shape"):
+        fastinf.EKFAC.load(p, other, lm_loss)
+
+
+def test_float32_and_bf16_models():
+    model, loss_fn, mask_fn, train = make_case("mlp")
+    ref = fastinf.EKFAC(model, loss_fn, progress=False).fit(train).pairwise_scores(train, train)
+    for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.2)):
+        m = copy.deepcopy(model).to(dt)
+        tr = (train[0].to(dt), train[1])
+        S = fastinf.EKFAC(m, loss_fn, progress=False).fit(tr).pairwise_scores(tr, tr)
+        assert S.dtype == torch.float32 and rel(S, ref) < tol
+
+
+def test_readme_example():
+    import re
+    from pathlib import Path
+    text = Path(__file__).resolve().parents[1].joinpath("docs", "ekfac.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    ns = {}
+    exec(compile(code, "docs/ekfac.md", "exec"), ns)
+    assert ns["scores"].shape == (8, 64)
