@@ -7,7 +7,6 @@ Usage: PYTHONPATH=. python bench/ops/ekfac_lambda.py [--device cuda]
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path

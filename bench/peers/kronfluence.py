@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import logging
 import sys
 import tempfile
