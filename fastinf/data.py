@@ -85,9 +85,37 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _tensors(data):
+    """The tensors of a tensor / tuple-of-tensors input (sliced directly), else None."""
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        lens = {int(t.shape[0]) for t in data}
+        if len(lens) != 1:
+            raise ValueError(f"the tensors of the tuple have different lengths "
+                             f"{[int(t.shape[0]) for t in data]}; expected one length")
+        return tuple(data)
+    return None
+
+
 def batches(data, batch_size: int, device: torch.device, *, name: str = "data"
             ) -> Iterator[Tuple[int, Any]]:
-    """Yields ``(offset, batch)`` with the batch on ``device``; offset = index of its first example."""
+    """Yields ``(offset, batch)`` with the batch on ``device``; offset = index of its first example.
+
+    Tensors and tuples of tensors are sliced directly (a batch of a tuple is a tuple); other
+    inputs go through a sequential DataLoader.
+    """
+    _check_batch_size(batch_size)
+    tensors = _tensors(data)
+    if tensors is not None:
+        n = num_examples(data)
+        for offset in range(0, n, batch_size):
+            if isinstance(tensors, torch.Tensor):
+                batch = tensors[offset:offset + batch_size]
+            else:
+                batch = tuple(t[offset:offset + batch_size] for t in tensors)
+            yield offset, to_device(batch, device)
+        return
     offset = 0
     for batch in as_loader(data, batch_size, name=name):
         b = batch_len(batch)
