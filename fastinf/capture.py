@@ -175,7 +175,7 @@ def _check_losses(losses, B: int, offset: int, what: str):
     bad = ~torch.isfinite(losses.detach())
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise NonFiniteError(f"{what} returned a non-finite loss ({float(losses[i])}) for example "
+        raise NonFiniteError(f"{what} returned a non-finite loss ({float(losses[i].detach())}) for example "
                              f"{offset + i}")
 
 
