@@ -8,3 +8,9 @@ from .score_dense import score_dense, score_dense_reference
 from .score_factored import score_factored, score_factored_reference
 
 __all__ = ["score_factored", "score_factored_reference", "score_dense", "score_dense_reference"]
+
+# --- tracin
+from .jl_project import jl_project, jl_project_reference  # noqa: E402
+from .kron_project import kron_project, kron_project_reference  # noqa: E402
+
+__all__ += ["jl_project", "jl_project_reference", "kron_project", "kron_project_reference"]
