@@ -14,7 +14,7 @@ namespace fastinf {
 namespace cpu {
 
 namespace {
-constexpr int64_t JB = 32;   // rows of Phi (columns of Y) per task
+constexpr int64_t JB = 16;   // rows of Phi (columns of Y) per task
 constexpr int64_t IB = 512;  // columns of Phi (the contraction axis) per tile
 constexpr int64_t NB = 64;   // rows of X per task
 }  // namespace
@@ -57,7 +57,27 @@ void jl_project_f32(const float* X, float* out, int64_t N, int64_t p, int64_t k,
           for (int64_t n = n0; n < n1; ++n) {
             const float* x = X + n * p + i0;
             float* a = acc.data() + (n - n0) * JB;
-            for (int64_t jj = 0; jj < jb; ++jj) {
+            int64_t jj = 0;
+            for (; jj + 4 <= jb; jj += 4) {  // 4 rows of the tile per sweep: x loaded once
+              const float* t0 = tile.data() + jj * IB;
+              const float* t1 = t0 + IB;
+              const float* t2 = t1 + IB;
+              const float* t3 = t2 + IB;
+              float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+              for (int64_t ii = 0; ii < ib; ++ii) {
+                const float xv = x[ii];
+                s0 += xv * t0[ii];
+                s1 += xv * t1[ii];
+                s2 += xv * t2[ii];
+                s3 += xv * t3[ii];
+              }
+              a[jj] += s0;
+              a[jj + 1] += s1;
+              a[jj + 2] += s2;
+              a[jj + 3] += s3;
+            }
+            for (; jj < jb; ++jj) {
               const float* t = tile.data() + jj * IB;
               float s = 0.f;
 #pragma omp simd reduction(+ : s)
