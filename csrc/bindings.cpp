@@ -30,7 +30,10 @@ void check(const std::string& err, const char* what) {
 
 }  // namespace
 
+void register_tracin_ops(py::module_& m);  // --- tracin ops (defined at the end of this file)
+
 PYBIND11_MODULE(_C, m) {
+  register_tracin_ops(m);
   m.doc() = "fastinf compiled kernels (torch-free ABI: raw pointers, shapes, stream handles)";
 
   m.def("num_threads", &num_threads, "OpenMP threads used by the CPU kernels");
@@ -141,5 +144,67 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("At"), py::arg("Gt"), py::arg("a_mask"), py::arg("out"), py::arg("N"),
       py::arg("T"), py::arg("din"), py::arg("dout"), py::arg("dtype"), py::arg("stream"));
+#endif
+}
+
+// --- tracin ops
+void register_tracin_ops(py::module_& m) {
+  m.def(
+      "kron_project_cpu",
+      [](uintptr_t A, uintptr_t G, uintptr_t P_in, uintptr_t P_out, uintptr_t a_mask,
+         uintptr_t out, int64_t N, int64_t T, int64_t din, int64_t dout, int64_t k_in,
+         int64_t k_out) {
+        py::gil_scoped_release nogil;
+        fastinf::cpu::kron_project_f32(ptr<const float>(A), ptr<const float>(G),
+                                       ptr<const float>(P_in), ptr<const float>(P_out),
+                                       ptr<const uint8_t>(a_mask), ptr<float>(out), N, T, din,
+                                       dout, k_in, k_out);
+      },
+      py::arg("A"), py::arg("G"), py::arg("P_in"), py::arg("P_out"), py::arg("a_mask"),
+      py::arg("out"), py::arg("N"), py::arg("T"), py::arg("din"), py::arg("dout"),
+      py::arg("k_in"), py::arg("k_out"));
+  m.def(
+      "jl_project_cpu",
+      [](uintptr_t X, uintptr_t out, int64_t N, int64_t p, int64_t k, uint32_t key, int kind) {
+        py::gil_scoped_release nogil;
+        fastinf::cpu::jl_project_f32(ptr<const float>(X), ptr<float>(out), N, p, k, key, kind);
+      },
+      py::arg("X"), py::arg("out"), py::arg("N"), py::arg("p"), py::arg("k"), py::arg("key"),
+      py::arg("kind"));
+  m.def("jl_project_tile_floats", &fastinf::cpu::jl_project_tile_floats,
+        "floats of thread-local workspace per jl_project_cpu task");
+#ifdef FASTINF_WITH_CUDA
+  m.def(
+      "kron_project_cuda",
+      [](uintptr_t A, uintptr_t G, uintptr_t P_in, uintptr_t P_out, uintptr_t a_mask,
+         uintptr_t out, int64_t N, int64_t T, int64_t din, int64_t dout, int64_t k_in,
+         int64_t k_out, int dtype, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = fastinf::cuda::kron_project(ptr<const void>(A), ptr<const void>(G),
+                                            ptr<const void>(P_in), ptr<const void>(P_out),
+                                            ptr<const uint8_t>(a_mask), ptr<float>(out), N, T,
+                                            din, dout, k_in, k_out, dtype, stream);
+        }
+        check(err, "kron_project");
+      },
+      py::arg("A"), py::arg("G"), py::arg("P_in"), py::arg("P_out"), py::arg("a_mask"),
+      py::arg("out"), py::arg("N"), py::arg("T"), py::arg("din"), py::arg("dout"),
+      py::arg("k_in"), py::arg("k_out"), py::arg("dtype"), py::arg("stream"));
+  m.def(
+      "jl_project_cuda",
+      [](uintptr_t X, uintptr_t out, int64_t N, int64_t p, int64_t k, uint32_t key, int kind,
+         int dtype, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = fastinf::cuda::jl_project(ptr<const void>(X), ptr<float>(out), N, p, k, key, kind,
+                                          dtype, stream);
+        }
+        check(err, "jl_project");
+      },
+      py::arg("X"), py::arg("out"), py::arg("N"), py::arg("p"), py::arg("k"), py::arg("key"),
+      py::arg("kind"), py::arg("dtype"), py::arg("stream"));
 #endif
 }

@@ -1,11 +1,10 @@
 """fastinf: fast TracIn and EK-FAC influence functions over fused kernels."""
 from ._native import backends
 from . import ops
+from .capture import NonFiniteError
+from .ekfac import EKFAC
+from .tracin import KroneckerProjection, RandomProjection, TracIn
 
 __version__ = "0.1.0"
-__all__ = ["backends", "ops", "__version__"]
-
-# --- ekfac
-from .ekfac import EKFAC  # noqa: E402
-
-__all__ += ["EKFAC"]
+__all__ = ["backends", "ops", "EKFAC", "TracIn", "KroneckerProjection", "RandomProjection",
+           "NonFiniteError", "__version__"]

@@ -33,3 +33,23 @@ void ekfac_lambda_f32(const float* At, const float* Gt, const uint8_t* a_mask, f
                       int64_t N, int64_t T, int64_t din, int64_t dout);
 }  // namespace cpu
 }  // namespace fastinf
+
+// --- tracin ops
+namespace fastinf {
+namespace cpu {
+
+// Y[n] = sum_t (P_out^T G[n,t]) (P_in^T A[n,t])^T
+// A [N,T,din], G [N,T,dout], P_in [din,k_in], P_out [dout,k_out], a_mask [N,T], out [N,k_out,k_in]
+void kron_project_f32(const float* A, const float* G, const float* P_in, const float* P_out,
+                      const uint8_t* a_mask, float* out, int64_t N, int64_t T, int64_t din,
+                      int64_t dout, int64_t k_in, int64_t k_out);
+
+// Y = X Phi^T, Phi [k,p] generated on the fly from (key, row, column) (see cpu/jl_hash.h);
+// kind 0 rademacher, 1 normal. X [N,p], out [N,k].
+void jl_project_f32(const float* X, float* out, int64_t N, int64_t p, int64_t k, uint32_t key,
+                    int kind);
+// Floats of thread-local workspace one jl_project task uses (its memory bound per thread).
+int64_t jl_project_tile_floats();
+
+}  // namespace cpu
+}  // namespace fastinf

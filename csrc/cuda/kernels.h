@@ -38,3 +38,20 @@ std::string ekfac_lambda(const void* At, const void* Gt, const uint8_t* a_mask, 
                          uintptr_t stream);
 }  // namespace cuda
 }  // namespace fastinf
+
+// --- tracin ops
+namespace fastinf {
+namespace cuda {
+
+// Y[n] = sum_t (P_out^T G[n,t]) (P_in^T A[n,t])^T; shapes as in cpu/kernels.h. A, G, P_in, P_out
+// share the element type `dtype`; out is float32.
+std::string kron_project(const void* A, const void* G, const void* P_in, const void* P_out,
+                         const uint8_t* a_mask, float* out, int64_t N, int64_t T, int64_t din,
+                         int64_t dout, int64_t k_in, int64_t k_out, int dtype, uintptr_t stream);
+
+// Y = X Phi^T with Phi generated on the fly (same hash as the CPU kernel); out float32 [N,k].
+std::string jl_project(const void* X, float* out, int64_t N, int64_t p, int64_t k, uint32_t key,
+                       int kind, int dtype, uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace fastinf
