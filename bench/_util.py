@@ -58,6 +58,19 @@ def timeit(fn: Callable, device: str, *, min_time: float = 0.2, max_reps: int = 
     return statistics.median(times)
 
 
+def best_time(fn: Callable, reps: int = 3) -> float:
+    """Fastest of ``reps`` timed calls after one warm-up (CUDA synchronised when present)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        sync("cuda" if torch.cuda.is_available() else "cpu")
+        t0 = time.perf_counter()
+        fn()
+        sync("cuda" if torch.cuda.is_available() else "cpu")
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

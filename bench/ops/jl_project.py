@@ -19,26 +19,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _util import append_rows, device_name  # noqa: E402
+from _util import append_rows, best_time as _time, device_name  # noqa: E402
 
 from fastinf._native import available  # noqa: E402
 from fastinf.ops import jl_project  # noqa: E402
 from fastinf.ops.jl_project import phi_block, seed_key  # noqa: E402
 
-
-
-def _time(fn, reps=3):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def trak_fast_jl(X, k):  # GPU-only hook: TRAK's CUDA projector, when installed
