@@ -29,14 +29,12 @@ fp32 inputs follow torch's float32 matmul precision (exact fp32 dots unless TF32
 block sizes are autotuned on GPU (key: din, dout, T bucket) and fixed and small under the
 interpreter (``TRITON_INTERPRET=1``).
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
 
 from .score_factored import (INTERPRET, _mask_arg, _nullcontext, _tile_ids, input_precision,
-                             pow2_bucket, token_block, upcast_dot)
+                             pow2_bucket, static_sizes, token_block, upcast_dot)
 
 
 def _configs():
@@ -60,6 +58,7 @@ def _score_dense_kernel(
     sAn, sAt, sAk, sGn, sGt, sGe, sMq, sMe, sMk,
     sAMn, sAMt, sOn, sOq,
     T_KEY,  # autotune bucket only
+    T_C: tl.constexpr, DIN_C: tl.constexpr, DOUT_C: tl.constexpr,
     HAS_AM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BT: tl.constexpr, GROUP: tl.constexpr = 8,
@@ -77,8 +76,9 @@ def _score_dense_kernel(
     n64 = n.to(tl.int64)
     m_q = M + q64 * sMq
 
+
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for t0 in range(0, T, BT):
+    for t0 in range(0, T_C if T_C > 0 else T, BT):
         t = t0 + rr % BT
         r_ok = n_ok & (t < T)
         if HAS_AM:
@@ -87,11 +87,11 @@ def _score_dense_kernel(
         a_row = A + n64 * sAn + t * sAt           # [BLOCK_R] row pointers
         g_row = G + n64 * sGn + t * sGt
         rows = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for e0 in range(0, dout, BLOCK_E):
+        for e0 in range(0, DOUT_C if DOUT_C > 0 else dout, BLOCK_E):
             e = e0 + ee
             e_ok = e < dout
             y = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
-            for k0 in range(0, din, BLOCK_K):
+            for k0 in range(0, DIN_C if DIN_C > 0 else din, BLOCK_K):
                 k = k0 + kk
                 k_ok = k < din
                 a = tl.load(a_row[:, None] + k[None, :] * sAk,
@@ -136,7 +136,7 @@ def score_dense_triton(A, G, M, a_mask=None) -> torch.Tensor:
             N, T, Q, din, dout,
             *A.stride(), *G.stride(), *M.stride(),
             sAMn, sAMt, *out.stride(),
-            pow2_bucket(T),
+            pow2_bucket(T), *static_sizes(T, din, dout),
             HAS_AM=has_am, PRECISION=input_precision(A.dtype), UPCAST=upcast_dot(A.dtype),
         )
     return out

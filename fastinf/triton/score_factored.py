@@ -39,8 +39,6 @@ allow TF32, as torch.matmul does.
 On GPU the block sizes are autotuned (key: din, dout and power-of-two buckets of T and S);
 under the interpreter (``TRITON_INTERPRET=1``, CPU tensors) a single small config is used.
 """
-from __future__ import annotations
-
 import os
 
 import torch
@@ -48,6 +46,20 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+
+def static_sizes(*sizes):
+    """Constexpr copies of the loop bounds under the interpreter; zeros (= runtime ints) on GPU.
+
+    Triton 3.6's interpreter wraps runtime ints as 1-element 1-D numpy arrays and
+    ``range(0, T, ...)`` then fails with numpy >= 2.4 ("only 0-dimensional arrays can be converted
+    to Python scalars"); constexpr bounds are plain ints. On GPU the kernel keeps runtime bounds
+    (one compile for all sizes). The bound is written inline,
+    ``range(0, X_C if X_C > 0 else X, ...)``, and resolved at compile time; it must not be assigned
+    to a variable first: the interpreter turns every assignment into a 1-D tensor again.
+    """
+    return tuple(int(x) if INTERPRET else 0 for x in sizes)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -124,6 +136,7 @@ def _score_factored_kernel(
     sVq, sVs, sVk, sUq, sUs, sUk,
     sAMn, sAMt, sVMq, sVMs, sOn, sOq,
     T_KEY, S_KEY,  # autotune buckets only
+    T_C: tl.constexpr, S_C: tl.constexpr, DIN_C: tl.constexpr, DOUT_C: tl.constexpr,
     HAS_AM: tl.constexpr, HAS_VM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, GROUP: tl.constexpr = 8,
@@ -144,49 +157,57 @@ def _score_factored_kernel(
     n64 = n.to(tl.int64)
     q64 = q.to(tl.int64)
 
+    # Out-of-range rows/columns are clamped to a valid example/token so that the operand loads
+    # need only the K mask; they (and masked tokens, even NaN ones) are dropped by the where on P.
+    n_c = tl.minimum(n, N - 1).to(tl.int64)
+    q_c = tl.minimum(q, Q - 1).to(tl.int64)
+
+
     acc = tl.zeros((BN, BQ), dtype=tl.float32)
-    for t0 in range(0, T, BT):
+    for t0 in range(0, T_C if T_C > 0 else T, BT):
         t = t0 + rr % BT
         r_ok = n_ok & (t < T)
         if HAS_AM:
             am = tl.load(AM + n64 * sAMn + t * sAMt, mask=r_ok, other=0)
             r_ok = r_ok & (am != 0)
-        a_row = A + n64 * sAn + t * sAt           # [BLOCK_R] row pointers
-        g_row = G + n64 * sGn + t * sGt
-        for s0 in range(0, S, BS):
+        t_c = tl.minimum(t, T - 1)
+        a_row = A + n_c * sAn + t_c * sAt         # [BLOCK_R] row pointers
+        g_row = G + n_c * sGn + t_c * sGt
+        for s0 in range(0, S_C if S_C > 0 else S, BS):
             s = s0 + cc % BS
             c_ok = q_ok & (s < S)
             if HAS_VM:
                 vm = tl.load(VM + q64 * sVMq + s * sVMs, mask=c_ok, other=0)
                 c_ok = c_ok & (vm != 0)
-            v_col = V + q64 * sVq + s * sVs       # [BLOCK_C] column pointers
-            u_col = U + q64 * sUq + s * sUs
+            s_c = tl.minimum(s, S - 1)
+            v_col = V + q_c * sVq + s_c * sVs     # [BLOCK_C] column pointers
 
+            a_ptr = a_row[:, None] + kk[None, :] * sAk
+            v_ptr = v_col[None, :] + kk[:, None] * sVk
             ka = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-            for k0 in range(0, din, BLOCK_K):
-                k = k0 + kk
-                k_ok = k < din
-                a = tl.load(a_row[:, None] + k[None, :] * sAk,
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                v = tl.load(v_col[None, :] + k[:, None] * sVk,
-                            mask=c_ok[None, :] & k_ok[:, None], other=0.0)
+            for k0 in range(0, DIN_C if DIN_C > 0 else din, BLOCK_K):
+                k_ok = (k0 + kk) < din
+                a = tl.load(a_ptr, mask=k_ok[None, :], other=0.0)
+                v = tl.load(v_ptr, mask=k_ok[:, None], other=0.0)
                 if UPCAST:
                     a, v = a.to(tl.float32), v.to(tl.float32)
                 ka = tl.dot(a, v, ka, input_precision=PRECISION)
+                a_ptr += BLOCK_K * sAk
+                v_ptr += BLOCK_K * sVk
+            g_ptr = g_row[:, None] + kk[None, :] * sGk
+            u_ptr = (U + q_c * sUq + s_c * sUs)[None, :] + kk[:, None] * sUk
             kg = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-            for k0 in range(0, dout, BLOCK_K):
-                k = k0 + kk
-                k_ok = k < dout
-                g = tl.load(g_row[:, None] + k[None, :] * sGk,
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                u = tl.load(u_col[None, :] + k[:, None] * sUk,
-                            mask=c_ok[None, :] & k_ok[:, None], other=0.0)
+            for k0 in range(0, DOUT_C if DOUT_C > 0 else dout, BLOCK_K):
+                k_ok = (k0 + kk) < dout
+                g = tl.load(g_ptr, mask=k_ok[None, :], other=0.0)
+                u = tl.load(u_ptr, mask=k_ok[:, None], other=0.0)
                 if UPCAST:
                     g, u = g.to(tl.float32), u.to(tl.float32)
                 kg = tl.dot(g, u, kg, input_precision=PRECISION)
+                g_ptr += BLOCK_K * sGk
+                u_ptr += BLOCK_K * sUk
 
-            # Masked rows/columns were loaded as 0, so they are already 0 here; the where keeps
-            # that true whatever the dot does with padding (and costs one select per tile).
+            # select, not multiply: NaN/Inf of masked or clamped rows/columns never leak
             p = tl.where(r_ok[:, None] & c_ok[None, :], ka * kg, 0.0)
             p = tl.sum(tl.reshape(p, (BN, BT, BLOCK_C)), axis=1)      # over the tokens t
             acc += tl.sum(tl.reshape(p, (BN, BQ, BS)), axis=2)        # over the tokens s
@@ -234,7 +255,7 @@ def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None) -> torch.Tensor:
             N, T, Q, S, din, dout,
             *A.stride(), *G.stride(), *V.stride(), *U.stride(),
             sAMn, sAMt, sVMq, sVMs, *out.stride(),
-            pow2_bucket(T), pow2_bucket(S),
+            pow2_bucket(T), pow2_bucket(S), *static_sizes(T, S, din, dout),
             HAS_AM=has_am, HAS_VM=has_vm, PRECISION=input_precision(A.dtype),
             UPCAST=upcast_dot(A.dtype),
         )
