@@ -77,6 +77,10 @@ def _score_dense_kernel(
     m_q = M + q64 * sMq
 
 
+    # Out-of-range rows are clamped to a valid example/token so that the loads need only the
+    # K / dout masks; they (and masked tokens, even NaN ones) are dropped by the where below.
+    n_c = tl.minimum(n, N - 1).to(tl.int64)
+
     acc = tl.zeros((BN,), dtype=tl.float32)
     for t0 in range(0, T_C if T_C > 0 else T, BT):
         t = t0 + rr % BT
@@ -84,27 +88,26 @@ def _score_dense_kernel(
         if HAS_AM:
             am = tl.load(AM + n64 * sAMn + t * sAMt, mask=r_ok, other=0)
             r_ok = r_ok & (am != 0)
-        a_row = A + n64 * sAn + t * sAt           # [BLOCK_R] row pointers
-        g_row = G + n64 * sGn + t * sGt
+        t_c = tl.minimum(t, T - 1)
+        a_row = A + n_c * sAn + t_c * sAt         # [BLOCK_R] row pointers
+        g_row = G + n_c * sGn + t_c * sGt
         rows = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for e0 in range(0, DOUT_C if DOUT_C > 0 else dout, BLOCK_E):
             e = e0 + ee
             e_ok = e < dout
+            m_col = m_q + tl.minimum(e, dout - 1) * sMe      # [BLOCK_E] rows of M[q]
             y = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
             for k0 in range(0, DIN_C if DIN_C > 0 else din, BLOCK_K):
                 k = k0 + kk
                 k_ok = k < din
-                a = tl.load(a_row[:, None] + k[None, :] * sAk,
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                m = tl.load(m_q + e[None, :] * sMe + k[:, None] * sMk,
-                            mask=e_ok[None, :] & k_ok[:, None], other=0.0)
+                a = tl.load(a_row[:, None] + k[None, :] * sAk, mask=k_ok[None, :], other=0.0)
+                m = tl.load(m_col[None, :] + k[:, None] * sMk, mask=k_ok[:, None], other=0.0)
                 if UPCAST:  # interpreter only (its bf16 dot is broken)
                     a, m = a.to(tl.float32), m.to(tl.float32)
                 y = tl.dot(a, m, y, input_precision=PRECISION)
-            g = tl.load(g_row[:, None] + e[None, :] * sGe,
-                        mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+            g = tl.load(g_row[:, None] + e[None, :] * sGe, mask=e_ok[None, :], other=0.0)
             rows += tl.sum(y * g.to(tl.float32), axis=1)
-        # Masked rows were loaded as 0; the where also drops 0·Inf from an infinite M.
+        # select, not multiply: NaN/Inf of masked or clamped rows never leak
         rows = tl.where(r_ok, rows, 0.0)
         acc += tl.sum(tl.reshape(rows, (BN, BT)), axis=1)      # over the example's tokens
 

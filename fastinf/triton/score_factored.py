@@ -112,14 +112,16 @@ def _tile_ids(pid, num_r, num_c, GROUP: tl.constexpr):
 
 # --------------------------------------------------------------------------- kernel
 def _configs():
+    # Two fp32 accumulator tiles are live at once (Ka while Kg accumulates), so tiles stay at
+    # 64x64..128x64; ptxas (sm_90, triton 3.6) reported spills for 128x128 and BLOCK_K=128.
     if INTERPRET:
         return [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=4)]
     return [
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_R": 128, "BLOCK_C": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 128}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     ]
 
 
@@ -182,30 +184,25 @@ def _score_factored_kernel(
             s_c = tl.minimum(s, S - 1)
             v_col = V + q_c * sVq + s_c * sVs     # [BLOCK_C] column pointers
 
-            a_ptr = a_row[:, None] + kk[None, :] * sAk
-            v_ptr = v_col[None, :] + kk[:, None] * sVk
             ka = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             for k0 in range(0, DIN_C if DIN_C > 0 else din, BLOCK_K):
-                k_ok = (k0 + kk) < din
-                a = tl.load(a_ptr, mask=k_ok[None, :], other=0.0)
-                v = tl.load(v_ptr, mask=k_ok[:, None], other=0.0)
+                k = k0 + kk
+                k_ok = k < din
+                a = tl.load(a_row[:, None] + k[None, :] * sAk, mask=k_ok[None, :], other=0.0)
+                v = tl.load(v_col[None, :] + k[:, None] * sVk, mask=k_ok[:, None], other=0.0)
                 if UPCAST:
                     a, v = a.to(tl.float32), v.to(tl.float32)
                 ka = tl.dot(a, v, ka, input_precision=PRECISION)
-                a_ptr += BLOCK_K * sAk
-                v_ptr += BLOCK_K * sVk
-            g_ptr = g_row[:, None] + kk[None, :] * sGk
-            u_ptr = (U + q_c * sUq + s_c * sUs)[None, :] + kk[:, None] * sUk
+            u_col = U + q_c * sUq + s_c * sUs
             kg = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             for k0 in range(0, DOUT_C if DOUT_C > 0 else dout, BLOCK_K):
-                k_ok = (k0 + kk) < dout
-                g = tl.load(g_ptr, mask=k_ok[None, :], other=0.0)
-                u = tl.load(u_ptr, mask=k_ok[:, None], other=0.0)
+                k = k0 + kk
+                k_ok = k < dout
+                g = tl.load(g_row[:, None] + k[None, :] * sGk, mask=k_ok[None, :], other=0.0)
+                u = tl.load(u_col[None, :] + k[:, None] * sUk, mask=k_ok[:, None], other=0.0)
                 if UPCAST:
                     g, u = g.to(tl.float32), u.to(tl.float32)
                 kg = tl.dot(g, u, kg, input_precision=PRECISION)
-                g_ptr += BLOCK_K * sGk
-                u_ptr += BLOCK_K * sUk
 
             # select, not multiply: NaN/Inf of masked or clamped rows/columns never leak
             p = tl.where(r_ok[:, None] & c_ok[None, :], ka * kg, 0.0)
