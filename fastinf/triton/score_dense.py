@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .score_factored import (INTERPRET, _mask_arg, _nullcontext, _tile_ids, input_precision,
-                             pow2_bucket, static_sizes, token_block, upcast_dot)
+                             int32_safe, pow2_bucket, static_sizes, token_block, upcast_dot)
 
 
 def _configs():
@@ -128,6 +128,7 @@ def score_dense_triton(A, G, M, a_mask=None) -> torch.Tensor:
         return out
     if T == 0:
         return out.zero_()
+    A, G, M = (int32_safe(x) for x in (A, G, M))
     am, sAMn, sAMt, has_am = _mask_arg(a_mask, out)
 
     def grid(meta):

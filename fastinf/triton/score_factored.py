@@ -216,6 +216,16 @@ def _score_factored_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
+def int32_safe(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a contiguous copy when it is a strided view spanning >= 2**31 elements.
+
+    The kernels index examples/queries in int64 but tokens/features in int32 (``t * stride``,
+    ``k * stride``), which cannot overflow for contiguous tensors; odd views could.
+    """
+    span = sum((d - 1) * st for d, st in zip(x.shape, x.stride()) if d > 0)
+    return x if span < 2**31 or x.is_contiguous() else x.contiguous()
+
+
 def _mask_arg(m, like):
     """A mask as uint8 (the kernel compares != 0) with its strides, or a dummy pointer."""
     if m is None:
@@ -238,6 +248,7 @@ def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None) -> torch.Tensor:
         return out
     if T == 0 or S == 0:
         return out.zero_()
+    A, G, V, U = (int32_safe(x) for x in (A, G, V, U))
     am, sAMn, sAMt, has_am = _mask_arg(a_mask, out)
     vm, sVMq, sVMs, has_vm = _mask_arg(v_mask, out)
 

@@ -158,6 +158,17 @@ def test_token_block():
         assert bt & (bt - 1) == 0 and 1 <= bt <= 64
 
 
+def test_int32_safe():
+    from fastinf.triton.score_factored import int32_safe
+
+    x = torch.randn(4, 3, 5)
+    assert int32_safe(x) is x
+    y = x.transpose(0, 2)
+    assert int32_safe(y) is y                      # small strided views are passed as they are
+    big = torch.empty_strided((2, 2, 2), (2**30, 1, 2**30), device="meta")   # span 2**31
+    assert int32_safe(big) is not big and int32_safe(big).is_contiguous()
+
+
 # --------------------------------------------------------------------------- GPU
 GPU_FACTORED = [
     (300, 1, 200, 1, 1025, 777),      # MLP layer: two GEMMs + Hadamard
