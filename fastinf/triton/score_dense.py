@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .score_factored import (INTERPRET, _mask_arg, _nullcontext, _tile_ids, input_precision,
-                             int32_safe, pow2_bucket, static_sizes, token_block, upcast_dot)
+from .score_factored import (INTERPRET, _mask_arg, _nullcontext, _tile_ids, align_features,
+                             input_precision, int32_safe, pow2_bucket, static_sizes, token_block,
+                             upcast_dot)
 
 
 def _configs():
@@ -115,11 +116,13 @@ def _score_dense_kernel(
     tl.store(OUT + on.to(tl.int64) * sOn + q64 * sOq, acc, mask=on < N)
 
 
-def score_dense_triton(A, G, M, a_mask=None) -> torch.Tensor:
+def score_dense_triton(A, G, M, a_mask=None, align=None) -> torch.Tensor:
     """``S[n,q] = Σ_t G[n,t]ᵀ M[q] A[n,t]`` by the fused Triton kernel.
 
     A ``[N, T, din]``, G ``[N, T, dout]``, M ``[Q, dout, din]`` (one float dtype, one device,
-    any strides), a_mask ``[N, T]`` bool or None. Returns float32 ``[N, Q]``.
+    any strides), a_mask ``[N, T]`` bool or None. Returns float32 ``[N, Q]``. ``align``
+    (default: on CUDA) zero-pads din/dout to a multiple of 16 first (see
+    :func:`fastinf.triton.score_factored.align_features`).
     """
     N, T, din = A.shape
     Q, dout, _ = M.shape
@@ -128,6 +131,9 @@ def score_dense_triton(A, G, M, a_mask=None) -> torch.Tensor:
         return out
     if T == 0:
         return out.zero_()
+    if A.is_cuda if align is None else align:
+        A, G, M = align_features([A, G, M], [(-1,), (-1,), (-1, -2)])
+        din, dout = A.shape[-1], G.shape[-1]
     A, G, M = (int32_safe(x) for x in (A, G, M))
     am, sAMn, sAMt, has_am = _mask_arg(a_mask, out)
 

@@ -164,7 +164,6 @@ def _score_factored_kernel(
     n_c = tl.minimum(n, N - 1).to(tl.int64)
     q_c = tl.minimum(q, Q - 1).to(tl.int64)
 
-
     acc = tl.zeros((BN, BQ), dtype=tl.float32)
     for t0 in range(0, T_C if T_C > 0 else T, BT):
         t = t0 + rr % BT
@@ -226,6 +225,39 @@ def int32_safe(x: torch.Tensor) -> torch.Tensor:
     return x if span < 2**31 or x.is_contiguous() else x.contiguous()
 
 
+ALIGN = 16  # elements: triton specialises int arguments divisible by 16 (and 16-byte pointers)
+
+
+def _is_aligned(x: torch.Tensor) -> bool:
+    """Unit last stride, 16-byte aligned base, outer strides multiples of ALIGN elements."""
+    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(st % ALIGN == 0 for d, st in zip(x.shape[:-1], x.stride()[:-1]) if d > 1))
+
+
+def align_features(xs, dims):
+    """Zero-pads the given feature dims of tensors sharing them to a multiple of ALIGN elements.
+
+    ``xs``: tensors; ``dims``: for each, the axes to pad (negative). Returns the tensors and the
+    padded tensors (the kernels then loop over the padded width: the zeros add nothing, and
+    K bounds divisible by 16 keep the ``k < din`` masks from splitting vector loads).
+    Copies only when some size is not a multiple or some tensor is not aligned; on GPU an odd
+    ``din`` (bias column: in_features + 1) otherwise turns every operand load into scalar loads.
+    """
+    mult = ALIGN
+    if all(x.shape[a] % mult == 0 for x, axes in zip(xs, dims) for a in axes) \
+            and all(_is_aligned(x) for x in xs):
+        return list(xs)
+    out = []
+    for x, axes in zip(xs, dims):
+        shape = list(x.shape)
+        for a in axes:
+            shape[a] = -(-shape[a] // mult) * mult
+        y = x.new_zeros(shape)
+        y[tuple(slice(0, n) for n in x.shape)] = x
+        out.append(y)
+    return out
+
+
 def _mask_arg(m, like):
     """A mask as uint8 (the kernel compares != 0) with its strides, or a dummy pointer."""
     if m is None:
@@ -234,12 +266,13 @@ def _mask_arg(m, like):
     return m, m.stride(0), m.stride(1), True
 
 
-def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None) -> torch.Tensor:
+def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None, align=None) -> torch.Tensor:
     """``S[n,q] = Σ_{t,s} (A[n,t]·V[q,s]) (G[n,t]·U[q,s])`` by the fused Triton kernel.
 
     A ``[N, T, din]``, G ``[N, T, dout]``, V ``[Q, S, din]``, U ``[Q, S, dout]`` (one float
     dtype, one device, any strides), a_mask ``[N, T]`` / v_mask ``[Q, S]`` bool or None.
-    Returns float32 ``[N, Q]``.
+    Returns float32 ``[N, Q]``. ``align`` (default: on CUDA) pads din/dout with zeros to a
+    multiple of 16 first (:func:`align_features`).
     """
     N, T, din = A.shape
     Q, S, dout = U.shape
@@ -248,6 +281,10 @@ def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None) -> torch.Tensor:
         return out
     if T == 0 or S == 0:
         return out.zero_()
+    if A.is_cuda if align is None else align:
+        A, V = align_features([A, V], [(-1,), (-1,)])
+        G, U = align_features([G, U], [(-1,), (-1,)])
+        din, dout = A.shape[-1], G.shape[-1]
     A, G, V, U = (int32_safe(x) for x in (A, G, V, U))
     am, sAMn, sAMt, has_am = _mask_arg(a_mask, out)
     vm, sVMq, sVMs, has_vm = _mask_arg(v_mask, out)

@@ -158,6 +158,38 @@ def test_token_block():
         assert bt & (bt - 1) == 0 and 1 <= bt <= 64
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_align_features_path(dtype):
+    """The zero-padded path (default on CUDA) on odd, strided, masked, NaN-poisoned inputs."""
+    from fastinf.triton.score_dense import score_dense_triton
+    from fastinf.triton.score_factored import score_factored_triton
+
+    A = _poison(_rand(4, 6, 13, dtype=dtype, noncontig=True), am := _mask(4, 6, (1,)))
+    G = _poison(_rand(4, 6, 7, dtype=dtype), am)
+    V = _poison(_rand(3, 5, 13, dtype=dtype), vm := _mask(3, 5, (0,)))
+    U = _poison(_rand(3, 5, 7, dtype=dtype, noncontig=True), vm)
+    M = _rand(2, 7, 13, dtype=dtype, noncontig=True)
+    d = [x.double() for x in (A, G, V, U, M)]
+    _close(score_factored_triton(A, G, V, U, am, vm, align=True),
+           score_factored_reference(*d[:4], am, vm), dtype)
+    _close(score_dense_triton(A, G, M, am, align=True), score_dense_reference(d[0], d[1], d[4], am),
+           dtype)
+
+
+def test_align_features():
+    from fastinf.triton.score_factored import align_features
+
+    A, V = torch.randn(2, 3, 16), torch.randn(4, 1, 16)
+    a, v = align_features([A, V], [(-1,), (-1,)])
+    assert a is A and v is V                      # rows of 16 elements: nothing to do
+    M = torch.randn(2, 7, 13)
+    (m,) = align_features([M], [(-1, -2)])
+    assert m.shape == (2, 16, 16) and torch.equal(m[:, :7, :13], M) and m[:, 7:].eq(0).all()
+    h = torch.randn(2, 3, 32).half()[:, :, 4:20]   # 8-byte offset base, stride 32: copied
+    (h2,) = align_features([h], [(-1,)])
+    assert h2 is not h and h2.shape == h.shape and torch.equal(h2, h)
+
+
 def test_int32_safe():
     from fastinf.triton.score_factored import int32_safe
 
