@@ -20,14 +20,17 @@ One program owns ``out[n0:n0+BN, q]``: it loops over the token blocks ``t0`` and
 ``e0``, computes ``Y = A_tile · M[q, e0:e0+BLOCK_E, :]ᵀ`` with ``tl.dot`` over din (inputs in
 their dtype, fp32 accumulator), and in the epilogue multiplies by ``G_tile[:, e0:e0+BLOCK_E]``
 and reduces over e into a per-row fp32 vector. Masked / out-of-range rows are replaced by 0
-(``where``); after the dout loop the rows are segment-summed over the example's tokens
-(``reshape(·, [BN, BT]).sum(1)``) into the accumulator. ``[N, T, Q, dout]`` never exists; each
-output is written once (no atomics, deterministic). Programs are ordered so that ``GROUP``
-row tiles run against the same query (``M[q]`` stays in L2).
+(``where``, a select: NaN/Inf never leak); after the dout loop the rows are segment-summed over
+the example's tokens (``reshape(·, [BN, BT]).sum(1)``) into the accumulator.
+``[N, T, Q, dout]`` never exists; each output is written once (no atomics, deterministic).
+Programs are ordered so that ``GROUP`` row tiles run against the same query (``M[q]`` stays in
+L2).
 
 fp32 inputs follow torch's float32 matmul precision (exact fp32 dots unless TF32 is allowed),
-block sizes are autotuned on GPU (key: din, dout, T bucket) and fixed and small under the
-interpreter (``TRITON_INTERPRET=1``).
+block sizes are autotuned on GPU (key: din, dout, T bucket, dtype; ``FASTINF_TRITON_AUTOTUNE=0``
+takes the first config) and fixed and small under the interpreter (``TRITON_INTERPRET=1``).
+Strides, int64/int32 offsets and the zero-padding of din/dout to multiples of 16 on CUDA are as
+in :mod:`fastinf.triton.score_factored`.
 """
 import torch
 import triton
@@ -35,19 +38,19 @@ import triton.language as tl
 
 from .score_factored import (INTERPRET, _mask_arg, _nullcontext, _tile_ids, align_features,
                              input_precision, int32_safe, pow2_bucket, static_sizes, token_block,
-                             upcast_dot)
+                             tune_list, upcast_dot)
 
 
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_R": 32, "BLOCK_E": 32, "BLOCK_K": 32}, num_warps=4)]
-    return [
+    return tune_list([
         triton.Config({"BLOCK_R": 64, "BLOCK_E": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_E": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_E": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_E": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_E": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-    ]
+    ])
 
 
 @triton.autotune(configs=_configs(), key=["din", "dout", "T_KEY"])

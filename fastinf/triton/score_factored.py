@@ -25,19 +25,27 @@ One program owns the output tile ``out[n0:n0+BN, q0:q0+BQ]`` and loops over the 
 ``t0`` (step BT) and ``s0`` (step BS). For each pair it computes the two Gram tiles
 ``Ka = A_tile · V_tileᵀ`` (K-loop over din) and ``Kg = G_tile · U_tileᵀ`` (K-loop over dout) with
 ``tl.dot`` on inputs in their own dtype (tensor cores on GPU) and fp32 accumulators, takes
-``P = Ka ∘ Kg`` with masked / out-of-range rows and columns replaced by 0 (``where``, so NaN in
-masked tokens never leaks), and segment-sums it into the accumulator:
+``P = Ka ∘ Kg`` with masked / out-of-range rows and columns replaced by 0 (``where``, a select:
+NaN/Inf in masked tokens never leak), and segment-sums it into the accumulator:
 ``reshape(P, [BN, BT, BC]).sum(1)`` then ``reshape(·, [BN, BQ, BS]).sum(2)``. The
 ``[N, T, Q, S]`` intermediate never exists; each output element is written once by one program
 (plain stores, no atomics: deterministic, and safe to re-run while autotuning).
+Out-of-range rows/columns are clamped to valid ones, so operand loads carry only the K mask.
+
+Memory layout: any strides are accepted (example/query offsets in int64, token/feature offsets
+in int32, see :func:`int32_safe`). On CUDA, din/dout are zero-padded to multiples of 16 when they
+are not (an odd din from a bias column is the common case) or when a tensor is not aligned
+(:func:`align_features`): triton only vectorises the loads (and pipelines them with cp.async)
+when it can prove 16-divisible strides and K bounds.
 
 Under the interpreter bf16 dot inputs are upcast to fp32 (:func:`upcast_dot`); on GPU they are
 not. fp32 inputs follow torch's matmul precision: ``torch.get_float32_matmul_precision() ==
 "highest"`` (torch's default) uses exact fp32 dots (``input_precision="ieee"``), "high"/"medium"
 allow TF32, as torch.matmul does.
 
-On GPU the block sizes are autotuned (key: din, dout and power-of-two buckets of T and S);
-under the interpreter (``TRITON_INTERPRET=1``, CPU tensors) a single small config is used.
+On GPU the block sizes are autotuned (key: din, dout and power-of-two buckets of T and S, plus
+the dtype); ``FASTINF_TRITON_AUTOTUNE=0`` skips tuning and uses the first config. Under the
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) a single small config is used.
 """
 import os
 
@@ -46,6 +54,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+AUTOTUNE = os.environ.get("FASTINF_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
 
@@ -94,7 +103,7 @@ def input_precision(dtype: torch.dtype) -> str:
 
 def upcast_dot(dtype: torch.dtype) -> bool:
     """Whether to upcast dot inputs to fp32 in the kernel: only for bfloat16 under the Triton
-    interpreter, whose bf16 ``tl.dot`` returns garbage (seen with triton 3.6-3.8 on CPU)."""
+    interpreter, whose bf16 ``tl.dot`` returns garbage (seen with triton 3.6 and 3.8 on CPU)."""
     return INTERPRET and dtype == torch.bfloat16
 
 
@@ -110,19 +119,25 @@ def _tile_ids(pid, num_r, num_c, GROUP: tl.constexpr):
     return pid_r, pid_c
 
 
+def tune_list(configs):
+    """The autotune candidates, or just the first (the default) with FASTINF_TRITON_AUTOTUNE=0."""
+    return configs if AUTOTUNE else configs[:1]
+
+
 # --------------------------------------------------------------------------- kernel
 def _configs():
     # Two fp32 accumulator tiles are live at once (Ka while Kg accumulates), so tiles stay at
     # 64x64..128x64; ptxas (sm_90, triton 3.6) reported spills for 128x128 and BLOCK_K=128.
+    # The first (untuned default) had the fewest registers: 128-180, no spills, any dtype.
     if INTERPRET:
         return [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=4)]
-    return [
+    return tune_list([
+        triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    ]
+    ])
 
 
 @triton.autotune(configs=_configs(), key=["din", "dout", "T_KEY", "S_KEY"])
