@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interp_compat  # noqa: F401  (numpy>=2.3 under TRITON_INTERPRET)
 
 
 @triton.jit
