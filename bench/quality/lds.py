@@ -114,7 +114,7 @@ def kronfluence_scores(model, train, query, n_train):
         fa = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
         tr, qu = TensorDataset(*train), TensorDataset(*query)
         an.fit_all_factors("f", tr, per_device_batch_size=256, factor_args=fa, overwrite_output_dir=True)
-        sa = ScoreArguments()
+        sa = ScoreArguments(damping_factor=None)  # 0.1·mean(Λ), the heuristic fastinf uses too
         an.compute_pairwise_scores("p", "f", qu, tr, per_device_query_batch_size=64,
                                    per_device_train_batch_size=256, score_args=sa,
                                    overwrite_output_dir=True)
