@@ -8,7 +8,9 @@ import pytest
 from fastinf.__main__ import main
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd):
+    # cwd outside the repository: `python -m` puts cwd on sys.path, and the source folder
+    # ./fastinf (without the compiled module) must not shadow the installed package.
     return subprocess.run([sys.executable, "-m", "fastinf", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
@@ -24,7 +26,7 @@ def test_info(capsys):
     (["demo", "--noise", "1.5"], "noise must be in [0, 0.9)"),
 ])
 def test_user_errors_are_one_line(args, needle, tmp_path):
-    r = _cli(*args, "--out", str(tmp_path / "o"))
+    r = _cli(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("fastinf: error:") and needle in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -34,7 +36,7 @@ def test_demo_end_to_end(tmp_path):
     pytest.importorskip("sklearn", reason="the demo needs scikit-learn (fastinf[demo])")
     pytest.importorskip("matplotlib", reason="the demo needs matplotlib (fastinf[demo])")
     out = tmp_path / "demo"
-    r = _cli("demo", "--quiet", "--out", str(out))
+    r = _cli("demo", "--quiet", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "flipped labels found" in r.stdout
     report = json.loads((out / "report.json").read_text())
