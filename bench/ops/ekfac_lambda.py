@@ -40,11 +40,13 @@ def bench(fn, device, reps=3):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="first two shapes only (smoke run)")
     a = p.parse_args()
     dev = a.device
     grid = ([(64, 1, 257, 256), (32, 16, 129, 128), (16, 64, 289, 64), (8, 128, 256, 256)]
             if dev == "cpu" else
             [(256, 1, 1025, 1024), (64, 64, 513, 512), (32, 256, 1025, 1024), (64, 512, 289, 128)])
+    grid = grid[:2] if a.quick else grid
     names = [b for b in ("torch", "cpu", "triton", "cuda") if backends()[b].available]
     if dev == "cpu":
         names = [b for b in names if b in ("torch", "cpu")]

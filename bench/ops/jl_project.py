@@ -40,15 +40,17 @@ def trak_fast_jl(X, k):  # GPU-only hook: TRAK's CUDA projector, when installed
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-big", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-big", action="store_true", help="skip the 10M -> 4096 bounded-memory case")
+    ap.add_argument("--quick", action="store_true", help="first shape only, no big case")
     args = ap.parse_args()
+    args.no_big = args.no_big or args.quick
     dev = torch.device(args.device)
     backends = ["torch"] + [b for b in (("cpu",) if dev.type == "cpu" else ("cuda", "triton"))
                             if available(b)]
     rows = []
     grid = [(64, 100_000, 512), (8, 1_000_000, 256), (256, 20_000, 1024)]
-    for N, p, k in grid:
+    for N, p, k in (grid[:1] if args.quick else grid):
         X = torch.randn(N, p, device=dev)
         Phi = phi_block(seed_key(0), 0, k, 0, p, "rademacher", device=dev) / k ** 0.5
         t_dense = _time(lambda: X @ Phi.T)
