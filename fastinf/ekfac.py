@@ -298,3 +298,37 @@ class EKFAC:
                                  eigA=L["eigA"], eigS=L["eigS"], damping=d)
         ek.n_fit = st["n_fit"]
         return ek
+
+    @classmethod
+    def from_factors(cls, model: nn.Module, loss_fn: Callable, factors: Dict[str, dict], *,
+                     n_fit: int = 0, **kwargs) -> "EKFAC":
+        """An EKFAC with factors fitted elsewhere (e.g. imported from another library).
+
+        ``factors`` maps tracked module names to ``dict(QA=[din, din], QS=[dout, dout],
+        lam=[dout, din])`` with Λ averaged over examples (columns of Q_A / Q_S are the
+        eigenvectors; the bias column is the last one of din), optionally ``eigA``/``eigS``.
+        The damping is ``kwargs["damping"]`` (None: ``0.1·mean(Λ)`` per layer). ``kwargs`` as in
+        the constructor (``modules`` excluded: the modules are the keys of ``factors``).
+        """
+        if "modules" in kwargs:
+            raise TypeError("EKFAC.from_factors: the tracked modules are the keys of factors; "
+                            "drop modules=")
+        ek = cls(model, loss_fn, modules=list(factors), **kwargs)
+        dev, dt = ek.device, ek.dtype
+        ek.factors = OrderedDict()
+        for name, m in ek.modules.items():
+            F_ = factors[name]
+            dout, din = layer_shape(m)
+            QA, QS, lam = (torch.as_tensor(F_[k]).to(dev, dt).contiguous() for k in ("QA", "QS", "lam"))
+            if QA.shape != (din, din) or QS.shape != (dout, dout) or lam.shape != (dout, din):
+                raise ValueError(f"EKFAC.from_factors: module {name!r} has gradient shape "
+                                 f"{(dout, din)}; got QA {tuple(QA.shape)}, QS {tuple(QS.shape)}, "
+                                 f"lam {tuple(lam.shape)} (expected ({din}, {din}), "
+                                 f"({dout}, {dout}), ({dout}, {din}))")
+            d = 0.1 * float(lam.double().mean()) if ek.damping is None else ek.damping
+            ek.factors[name] = dict(QA=QA, QS=QS, lam=lam, damping=d,
+                                    eigA=F_.get("eigA", torch.zeros(din, dtype=torch.float64)),
+                                    eigS=F_.get("eigS", torch.zeros(dout, dtype=torch.float64)),
+                                    nA=F_.get("nA", 0))
+        ek.n_fit = int(n_fit)
+        return ek
