@@ -384,6 +384,9 @@ class GradientStore:
             what = "the model's weights differ" if d == "weights_sha256" else \
                 f"the tracked modules differ ({d})"
             raise StoreError(f"{self.path}: the store was built with a different model: {what}")
+        if self.manifest["method"].get("kind") != got_method.get("kind"):
+            raise StoreError(f"{self.path}: the store was built for method kind "
+                             f"{self.manifest['method'].get('kind')!r}, not {got_method['kind']!r}")
         d = _diff(self.manifest["method"], got_method)
         if d:
             raise StoreError(f"{self.path}: the store was built with different method settings: "
@@ -438,8 +441,9 @@ class GradientStore:
                 tensors = method._store_shard(subset(train, start, stop), batch_size, layouts)
                 from safetensors.torch import save
 
-                data = save({k: v.contiguous() for k, v in tensors.items()},
-                            metadata={"format": FORMAT, "start": str(start), "stop": str(stop)})
+                # no metadata: safetensors writes its map in hash order, which would make
+                # the bytes of a resumed build differ from an uninterrupted one
+                data = save({k: v.contiguous() for k, v in tensors.items()})
                 _write_atomic(os.path.join(path, shard_name(i)), data, kill_point=f"mid:{i}")
                 _maybe_kill(f"shard:{i}")
                 done[i] = dict(index=i, file=shard_name(i), start=start, stop=stop,
