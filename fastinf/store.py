@@ -462,7 +462,7 @@ class GradientStore:
                         allshards[s["index"]] = s
             shards = [allshards[i] for i in range(n_shards)]
             cls._write_manifest(path, MANIFEST, dict(header, shards=shards, complete=True))
-            for r in range(1, world):
+            for r in range(world if world > 1 else 0):
                 try:
                     os.remove(os.path.join(path, f"manifest.rank{r}.json"))
                 except FileNotFoundError:
