@@ -396,15 +396,19 @@ class GradientStore:
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, path, method, train, batch_size: int = 64, shard_size: int = 4096, *,
-              resume: bool = True, overwrite: bool = False, progress: bool = True
-              ) -> "GradientStore":
+              resume: bool = True, overwrite: bool = False, progress: bool = True,
+              layout: str = "auto") -> "GradientStore":
         """Runs the training-gradient pass of ``method`` over ``train`` once and writes the store.
 
         ``resume=True`` continues a build of the same store (same model, method, data size, shard
         and batch sizes) that stopped; ``resume=False`` on an existing store raises unless
         ``overwrite=True``. Under ``torch.distributed`` each rank writes the shards
-        ``i % world == rank`` and rank 0 writes the final manifest.
+        ``i % world == rank`` and rank 0 writes the final manifest. ``layout``: ``"auto"``
+        (factors where ``T·(din+dout) < din·dout``, else dense), ``"factors"`` or ``"dense"``
+        (every layer; dense makes each score one GEMM at a higher storage cost).
         """
+        if layout not in ("auto", "factors", "dense"):
+            raise ValueError(f"layout must be 'auto', 'factors' or 'dense', got {layout!r}")
         _check_batch_size(batch_size)
         _check_batch_size(shard_size, "shard_size")
         path = os.fspath(path)
@@ -419,6 +423,8 @@ class GradientStore:
         dist.barrier()
         first = subset(train, 0, min(batch_size, n))
         layouts = method._store_layouts(first, batch_size)
+        if layout != "auto":
+            layouts = {k: layout for k in layouts}
         header = dict(format=FORMAT, version=VERSION,
                       model=model_fingerprint(method.model, method.modules),
                       method=method._store_spec(), layouts=layouts,
