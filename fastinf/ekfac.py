@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from . import distributed as dist
 from ._pass import factor_pass, model_device
 from .capture import layer_shape, tracked_modules
 from .data import num_examples
@@ -25,6 +26,7 @@ from .ops.score_dense import flops as dense_flops
 from .ops.score_dense import score_dense
 from .ops.score_factored import flops as factored_flops
 from .ops.score_factored import score_factored
+from .store import DenseLayer
 
 FORMAT = "fastinf.ekfac"
 VERSION = 1
@@ -87,10 +89,10 @@ class EKFAC:
                 return torch.float64
         return torch.float32
 
-    def _pass(self, data, batch_size, loss_fn, desc, what, name):
+    def _pass(self, data, batch_size, loss_fn, desc, what, name, select=None):
         return factor_pass(self.model, loss_fn, data, self.modules, batch_size,
                            token_mask_fn=self.token_mask_fn, desc=desc, progress=self.progress,
-                           what=what, name=name)
+                           what=what, name=name, select=select)
 
     def _require_fit(self, what):
         if self.factors is None:
@@ -99,7 +101,11 @@ class EKFAC:
 
     # ------------------------------------------------------------------ fit
     def fit(self, train, batch_size: int = 64) -> "EKFAC":
-        """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ."""
+        """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ.
+
+        Under ``torch.distributed`` batch i is processed by rank ``i % world`` and the sums and
+        counts are all-reduced: every rank ends with the same factors."""
+        select = dist.mine if dist.enabled() else None
         dt = self.dtype
         dev = self.device
         cov = OrderedDict()
@@ -108,7 +114,7 @@ class EKFAC:
             cov[name] = dict(A=torch.zeros(din, din, dtype=dt, device=dev), nA=0,
                              S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0)
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn, "EK-FAC covariances",
-                                     "fisher_loss_fn", "train"):
+                                     "fisher_loss_fn", "train", select):
             for name, lb in factors.items():
                 st = cov[name]
                 A = lb.A.reshape(-1, lb.din).to(dt)
@@ -118,6 +124,11 @@ class EKFAC:
                 st["S"].addmm_(G.T, G)
                 st["nA"] += ntok
                 st["nS"] += ntok
+        for st in cov.values():
+            dist.all_reduce_sum_(st["A"])
+            dist.all_reduce_sum_(st["S"])
+            st["nA"] = dist.all_reduce_int(st["nA"])
+            st["nS"] = dist.all_reduce_int(st["nS"])
         layers = OrderedDict()
         for name, st in cov.items():
             nA, nS = max(st["nA"], 1), max(st["nS"], 1)
@@ -129,13 +140,16 @@ class EKFAC:
         del cov
         n = 0
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
-                                     "EK-FAC eigenvalue correction", "fisher_loss_fn", "train"):
+                                     "EK-FAC eigenvalue correction", "fisher_loss_fn", "train",
+                                     select):
             for name, lb in factors.items():
                 L = layers[name]
                 L["lam"] += ekfac_lambda(lb.A.to(dt), lb.G.to(dt), L["QA"], L["QS"],
                                          a_mask=lb.mask).to(dt)
             n += next(iter(factors.values())).A.shape[0]
+        n = dist.all_reduce_int(n)
         for name, L in layers.items():
+            dist.all_reduce_sum_(L["lam"])
             L["lam"] /= max(n, 1)
             lam_d = 0.1 * float(L["lam"].double().mean()) if self.damping is None else self.damping
             L["damping"] = lam_d
@@ -184,59 +198,169 @@ class EKFAC:
         return ("dense", M.contiguous())
 
     # ------------------------------------------------------------------ scores
-    def pairwise_scores(self, query, train, batch_size: int = 64, query_rank: Optional[int] = None,
-                        measurement_fn: Optional[Callable] = None) -> torch.Tensor:
-        """``[n_query, n_train]`` float32 influence scores ``Σ_layers ⟨H⁻¹D_q, D_n⟩``.
-
-        ``query_rank=r`` approximates each preconditioned query gradient by its rank-r truncated
-        SVD (``score_factored``); None is exact (``score_dense``, or exact low-rank factors when
-        the preconditioned query gradients have a small numerical rank).
-        """
-        self._require_fit("pairwise_scores")
+    def _check_rank(self, query_rank):
         if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int)
                                        or query_rank < 1):
             raise ValueError(f"query_rank must be None or a positive int, got {query_rank!r}")
-        dt = self.dtype
-        n_train = num_examples(train)
+
+    def _query_state(self, query, batch_size, query_rank=None, measurement_fn=None):
+        """Per-layer scoring plans of the queries: ``("dense", M)`` or ``("factored", V, U)``."""
+        self._require_fit("pairwise_scores")
+        self._check_rank(query_rank)
         Ms, tmax = self._query_matrices(query, batch_size, measurement_fn or self.loss_fn)
-        Q = next(iter(Ms.values())).shape[0]
-        plans = {}
-        out = torch.zeros(Q, n_train, dtype=dt, device=self.device)
-        for offset, factors in self._pass(train, batch_size, self.loss_fn, "EK-FAC pairwise scores",
-                                          "loss_fn", "train"):
-            for name, lb in factors.items():
-                if name not in plans:
-                    plans[name] = self._plan_layer(Ms.pop(name), query_rank, tmax[name],
-                                                   lb.A.shape[1], n_train)
-                p = plans[name]
+        return {name: self._plan_layer(M, query_rank, tmax[name], None, None)
+                for name, M in Ms.items()}
+
+    @staticmethod
+    def _n_query(plans) -> int:
+        return next(iter(plans.values()))[1].shape[0]
+
+    def _score_batch(self, plans, layers) -> torch.Tensor:
+        """``[B, Q]`` scores of one train batch ``{name: LayerBatch | DenseLayer}``: the one
+        per-batch scoring step of the direct and the store paths."""
+        dt = self.dtype
+        total = None
+        for name, lb in layers.items():
+            p = plans[name]
+            if isinstance(lb, DenseLayer):
+                M = p[1] if p[0] == "dense" else torch.bmm(p[2].transpose(1, 2), p[1])
+                s = lb.D.to(dt).flatten(1) @ M.flatten(1).T
+            else:
                 A, G = lb.A.to(dt), lb.G.to(dt)
                 if p[0] == "dense":
                     s = score_dense(A, G, p[1], a_mask=lb.mask,
                                     contraction=_dense_contraction(A.shape, p[1].shape))
                 else:
                     s = score_factored(A, G, p[1], p[2], a_mask=lb.mask)
-                out[:, offset:offset + A.shape[0]] += s.T.to(dt)
-        return out.float()
+            s = s.to(dt)
+            total = s if total is None else total + s
+        return total
 
-    def self_scores(self, train, batch_size: int = 64) -> torch.Tensor:
-        """``[n_train]`` float32 self-influence ``Σ_layers ⟨H⁻¹D_n, D_n⟩``, in the eigenbasis:
-        ``Σ ((G_n Q_S)ᵀ (A_n Q_A))^∘2 ⊘ (Λ + λ)``, examples in workspace-sized tiles."""
-        self._require_fit("self_scores")
-        dt = self.dtype
-        out = torch.zeros(num_examples(train), dtype=dt, device=self.device)
-        inv = {name: self._inv_denominator(name) for name in self.modules}
-        for offset, factors in self._pass(train, batch_size, self.loss_fn, "EK-FAC self scores",
+    def _direct_block(self, plans, data, batch_size) -> torch.Tensor:
+        """``[Q, n]`` scores of the queries against ``data`` by a gradient pass over it."""
+        out = torch.zeros(self._n_query(plans), num_examples(data), dtype=self.dtype,
+                          device=self.device)
+        for offset, factors in self._pass(data, batch_size, self.loss_fn, "EK-FAC pairwise scores",
                                           "loss_fn", "train"):
-            for name, lb in factors.items():
-                L = self.factors[name]
+            s = self._score_batch(plans, factors)
+            out[:, offset:offset + s.shape[0]] += s.T
+        return out
+
+    def _shard_block(self, plans, store, tensors) -> torch.Tensor:
+        return self._score_batch(plans, store.entries(tensors, 1, self.modules, self.device)[0]).T
+
+    def pairwise_scores(self, query, train, batch_size: int = 64, query_rank: Optional[int] = None,
+                        measurement_fn: Optional[Callable] = None) -> torch.Tensor:
+        """``[n_query, n_train]`` float32 influence scores ``Σ_layers ⟨H⁻¹D_q, D_n⟩`` (CPU).
+
+        ``train``: data, or a :class:`fastinf.GradientStore` built with this method (no
+        training-gradient pass then). ``query_rank=r`` approximates each preconditioned query
+        gradient by its rank-r truncated SVD (``score_factored``); None is exact
+        (``score_dense``). Under ``torch.distributed`` the train side is split across ranks and
+        every rank returns the full matrix.
+        """
+        self._require_fit("pairwise_scores")
+        self._check_rank(query_rank)
+        from . import store
+
+        return store.pairwise(self, query, train, batch_size,
+                              dict(query_rank=query_rank, measurement_fn=measurement_fn))
+
+    def top_influences(self, query, train, k: int = 10, largest: bool = True,
+                       train_indices=None, batch_size: int = 64, query_rank: Optional[int] = None,
+                       measurement_fn: Optional[Callable] = None):
+        """``(values [n_query, k], indices [n_query, k])``: the k most (``largest=False``: least)
+        influential training examples per query, streamed over the store's shards (or chunks of
+        ``train``): memory bounded by k, the queries and one shard, never n_query × n_train.
+        ``train_indices``: one index tensor for all queries or a list of one per query, restricting
+        the candidates; missing candidates give ``nan`` / ``-1``."""
+        self._require_fit("top_influences")
+        self._check_rank(query_rank)
+        from . import store
+
+        return store.top_influences(self, query, train, k, largest, train_indices, batch_size,
+                                    dict(query_rank=query_rank, measurement_fn=measurement_fn))
+
+    def _self_batch(self, layers) -> torch.Tensor:
+        """``[B]`` self-influence ``Σ ((G_n Q_S)ᵀ (A_n Q_A))^∘2 ⊘ (Λ + λ)`` of one batch, examples
+        in workspace-sized tiles."""
+        dt = self.dtype
+        total = None
+        for name, lb in layers.items():
+            L = self.factors[name]
+            inv = self._inv_denominator(name)
+            if isinstance(lb, DenseLayer):
+                B = lb.D.shape[0]
+                out = torch.zeros(B, dtype=dt, device=self.device)
+                nc = c.chunk(B, 2 * lb.D[0].numel() * torch.finfo(dt).bits // 8)
+                for n0 in range(0, B, nc):
+                    R = L["QS"].T @ lb.D[n0:n0 + nc].to(dt) @ L["QA"]
+                    out[n0:n0 + R.shape[0]] = (R * R * inv).sum((1, 2))
+            else:
                 At = c.mask_rows(lb.A.to(dt), lb.mask) @ L["QA"]
                 Gt = c.mask_rows(lb.G.to(dt), lb.mask) @ L["QS"]
                 B = At.shape[0]
+                out = torch.zeros(B, dtype=dt, device=self.device)
                 nc = c.chunk(B, 2 * lb.din * lb.dout * torch.finfo(dt).bits // 8)
                 for n0 in range(0, B, nc):
                     R = torch.bmm(Gt[n0:n0 + nc].transpose(1, 2), At[n0:n0 + nc])
-                    out[offset + n0:offset + n0 + R.shape[0]] += (R * R * inv[name]).sum((1, 2))
+                    out[n0:n0 + R.shape[0]] = (R * R * inv).sum((1, 2))
+            total = out if total is None else total + out
+        return total
+
+    def self_scores(self, train, batch_size: int = 64) -> torch.Tensor:
+        """``[n_train]`` float32 self-influence ``Σ_layers ⟨H⁻¹D_n, D_n⟩`` (from a store:
+        precomputed at build time)."""
+        self._require_fit("self_scores")
+        from .store import self_scores_of
+
+        pre = self_scores_of(self, train, batch_size)
+        if pre is not None:
+            return pre
+        out = torch.zeros(num_examples(train), dtype=self.dtype, device=self.device)
+        for offset, factors in self._pass(train, batch_size, self.loss_fn, "EK-FAC self scores",
+                                          "loss_fn", "train"):
+            s = self._self_batch(factors)
+            out[offset:offset + s.shape[0]] += s
         return out.float()
+
+    # ------------------------------------------------------------------ store protocol
+    def _store_spec(self) -> dict:
+        from .store import hash_state
+
+        self._require_fit("GradientStore")
+        fac = {f"{n}.{k}": L[k] for n, L in self.factors.items() for k in ("QA", "QS", "lam")}
+        return {"kind": "ekfac", "damping": self.damping,
+                "layer_damping": {n: float(L["damping"]) for n, L in self.factors.items()},
+                "factors_sha256": hash_state(fac)}
+
+    def _store_dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            return p.dtype
+        return torch.float32
+
+    def _store_layouts(self, first, batch_size) -> dict:
+        from .store import choose_layouts
+
+        for _, factors in self._pass(first, batch_size, self.loss_fn, "EK-FAC store layout",
+                                     "loss_fn", "train"):
+            return choose_layouts(factors)
+
+    def _store_shard(self, data, batch_size, layouts) -> dict:
+        from .store import cat_parts, encode_layer
+
+        dtype = self._store_dtype()
+        parts, selfs = [], []
+        for _, factors in self._pass(data, batch_size, self.loss_fn, "EK-FAC store", "loss_fn",
+                                     "train"):
+            part = {}
+            for n, lb in factors.items():
+                part.update(encode_layer(f"c0/{n}", lb, layouts[n], dtype))
+            parts.append(part)
+            selfs.append(self._self_batch(factors).float().cpu())
+        out = cat_parts(parts)
+        out["self"] = torch.cat(selfs)
+        return out
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

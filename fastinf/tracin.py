@@ -29,6 +29,7 @@ from .ops.score_dense import flops as dense_flops
 from .ops.score_dense import score_dense
 from .ops.score_factored import flops as factored_flops
 from .ops.score_factored import score_factored
+from .store import DenseLayer
 
 __all__ = ["TracIn", "KroneckerProjection", "RandomProjection"]
 
@@ -165,6 +166,15 @@ class _QueryLayer:
     mask: Optional[torch.Tensor]         # [Q, S] bool or None
     D: Optional[torch.Tensor] = None     # [Q, dout, din], built when score_dense is cheaper
     decided: bool = False
+    D_full: Optional[torch.Tensor] = None  # [Q, dout, din], for stored dense train gradients
+
+    def dense(self) -> torch.Tensor:
+        if self.D is not None:
+            return self.D
+        if self.D_full is None:
+            self.D_full = torch.bmm(c.mask_rows(self.G, self.mask).transpose(1, 2),
+                                    c.mask_rows(self.A, self.mask)).contiguous()
+        return self.D_full
 
 
 def _pad_cat(xs: List[torch.Tensor], S: int) -> torch.Tensor:
@@ -324,50 +334,120 @@ class TracIn:
                 out[n0:n0 + nc] = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
         return out
 
+    def _layer_train(self, lb, q: _QueryLayer) -> torch.Tensor:
+        """``[B, Q]`` of one layer: a captured / stored factor batch, or stored dense gradients."""
+        if isinstance(lb, DenseLayer):
+            Dq = q.dense()
+            return lb.D.float().flatten(1) @ Dq.flatten(1).T
+        return self._layer_scores(lb, q)
+
+    def _entries(self, factors, mats):
+        """What one batch contributes for one checkpoint: the factors, or projected ``[B, K]``."""
+        return factors if self.projection is None else self._project(factors, mats)
+
+    def _score_batch(self, q, entries) -> torch.Tensor:
+        """``[B, Q]`` scores of one train batch for one checkpoint (no learning rate): the one
+        per-batch scoring step of the direct and the store paths."""
+        if self.projection is None:
+            return sum(self._layer_train(entries[n], q[n]) for n in self.modules)
+        return entries.float() @ q.T
+
+    def _self_batch(self, entries) -> torch.Tensor:
+        """``[B]`` ``‖D_n‖²`` (projected when a projection is set) for one checkpoint."""
+        if self.projection is not None:
+            return entries.float().square().sum(1)
+        total = None
+        for n in self.modules:
+            lb = entries[n]
+            s = lb.D.float().square().sum((1, 2)) if isinstance(lb, DenseLayer) \
+                else self._self_layer(lb)
+            total = s if total is None else total + s
+        return total
+
+    def _query_state(self, query, batch_size, measurement_fn=None):
+        """Per checkpoint ``(checkpoint, query factors or projected queries, projection mats)``."""
+        _check_batch_size(batch_size)
+        if measurement_fn is not None and not callable(measurement_fn):
+            raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
+        device = model_device(self.model)
+        states = []
+        for ck in self.checkpoints:
+            with self._at(ck):
+                mats = self._kron_mats(device) if isinstance(
+                    self.projection, KroneckerProjection) else None
+                if self.projection is None:
+                    q = self._query_factors(query, batch_size, measurement_fn)
+                else:
+                    q = torch.cat([self._project(f, mats) for _, f in self._pass(
+                        query, batch_size, "fastinf tracin: query", "query", measurement_fn,
+                        "measurement_fn" if measurement_fn else "loss_fn")], 0)
+            states.append((ck, q, mats))
+        return states
+
+    @staticmethod
+    def _n_query(states) -> int:
+        q = states[0][1]
+        return q.shape[0] if isinstance(q, torch.Tensor) else next(iter(q.values())).A.shape[0]
+
+    def _direct_block(self, states, data, batch_size) -> torch.Tensor:
+        """``[Q, n]`` scores against ``data`` by a gradient pass per checkpoint."""
+        from .data import num_examples
+
+        out = torch.zeros(self._n_query(states), num_examples(data), dtype=torch.float32,
+                          device=model_device(self.model))
+        for ck, q, mats in states:
+            with self._at(ck):
+                for offset, factors in self._pass(data, batch_size, "fastinf tracin: train",
+                                                  "train"):
+                    s = self._score_batch(q, self._entries(factors, mats))
+                    out[:, offset:offset + s.shape[0]] += ck.lr * s.T
+        return out
+
+    def _shard_block(self, states, store, tensors) -> torch.Tensor:
+        ents = store.entries(tensors, len(states), self.modules, model_device(self.model))
+        out = None
+        for (ck, q, _), e in zip(states, ents):
+            s = ck.lr * self._score_batch(q, e).T
+            out = s if out is None else out + s
+        return out
+
     # ------------------------------------------------------------------ public API
     def pairwise_scores(self, query, train, batch_size: int = 64,
                         measurement_fn: Optional[Callable] = None) -> torch.Tensor:
         """TracIn scores ``[n_query, n_train]`` (float32, CPU).
 
-        ``measurement_fn(model, batch) -> [B]`` replaces ``loss_fn`` for the queries.
+        ``train``: data, or a :class:`fastinf.GradientStore` built with this TracIn (no training
+        gradient pass then). ``measurement_fn(model, batch) -> [B]`` replaces ``loss_fn`` for the
+        queries. Under ``torch.distributed`` every rank returns the full matrix.
         """
         _check_batch_size(batch_size)
-        if measurement_fn is not None and not callable(measurement_fn):
-            raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
-        from .data import num_examples
+        from . import store
 
-        nq, nt = num_examples(query), num_examples(train)
-        out = None
-        device = model_device(self.model)
-        for ck in self.checkpoints:
-            with self._at(ck):
-                if self.projection is None:
-                    qf = self._query_factors(query, batch_size, measurement_fn)
-                    mats = None
-                else:
-                    mats = self._kron_mats(device) if isinstance(
-                        self.projection, KroneckerProjection) else None
-                    yq = torch.cat([self._project(f, mats) for _, f in self._pass(
-                        query, batch_size, "fastinf tracin: query", "query", measurement_fn,
-                        "measurement_fn" if measurement_fn else "loss_fn")], 0)
-                if out is None:
-                    out = torch.zeros(nq, nt, dtype=torch.float32, device=device)
-                for offset, factors in self._pass(train, batch_size, "fastinf tracin: train",
-                                                  "train"):
-                    B = next(iter(factors.values())).A.shape[0]
-                    if self.projection is None:
-                        s = sum(self._layer_scores(factors[n], qf[n]) for n in self.modules)
-                        out[:, offset:offset + B] += ck.lr * s.T
-                    else:
-                        yn = self._project(factors, mats)
-                        out[:, offset:offset + B] += ck.lr * (yq @ yn.T)
-        return out.cpu()
+        return store.pairwise(self, query, train, batch_size,
+                              dict(measurement_fn=measurement_fn))
+
+    def top_influences(self, query, train, k: int = 10, largest: bool = True,
+                       train_indices=None, batch_size: int = 64,
+                       measurement_fn: Optional[Callable] = None):
+        """``(values [n_query, k], indices [n_query, k])`` streamed over shards / chunks of
+        ``train`` (memory bounded by k, the queries and one shard); see
+        :meth:`fastinf.EKFAC.top_influences`."""
+        _check_batch_size(batch_size)
+        from . import store
+
+        return store.top_influences(self, query, train, k, largest, train_indices, batch_size,
+                                    dict(measurement_fn=measurement_fn))
 
     def self_scores(self, train, batch_size: int = 64) -> torch.Tensor:
-        """Self-influence ``Σ_c η_c ‖D_n^c‖²`` (projected when a projection is set), ``[n_train]``."""
+        """Self-influence ``Σ_c η_c ‖D_n^c‖²`` (projected when a projection is set), ``[n_train]``
+        (from a store: precomputed at build time)."""
         _check_batch_size(batch_size)
         from .data import num_examples
+        from .store import self_scores_of
 
+        pre = self_scores_of(self, train, batch_size)
+        if pre is not None:
+            return pre
         device = model_device(self.model)
         out = torch.zeros(num_examples(train), dtype=torch.float32, device=device)
         for ck in self.checkpoints:
@@ -376,10 +456,65 @@ class TracIn:
                     self.projection, KroneckerProjection) else None
                 for offset, factors in self._pass(train, batch_size, "fastinf tracin: self",
                                                   "train"):
-                    B = next(iter(factors.values())).A.shape[0]
-                    if self.projection is None:
-                        s = sum(self._self_layer(factors[n]) for n in self.modules)
-                    else:
-                        s = self._project(factors, mats).square().sum(1)
-                    out[offset:offset + B] += ck.lr * s
+                    s = self._self_batch(self._entries(factors, mats))
+                    out[offset:offset + s.shape[0]] += ck.lr * s
         return out.cpu()
+
+    # ------------------------------------------------------------------ store protocol
+    def _store_spec(self) -> dict:
+        from .store import hash_state
+
+        cks = []
+        for ck in self.checkpoints:
+            sd = self.model.state_dict() if ck.source is None else _load_state(ck, self.model)
+            cks.append({"lr": ck.lr, "weights_sha256": hash_state(sd)})
+        proj = None
+        if isinstance(self.projection, KroneckerProjection):
+            proj = {"type": "kronecker", "k_in": self.projection.k_in,
+                    "k_out": self.projection.k_out, "seed": self.projection.seed}
+        elif isinstance(self.projection, RandomProjection):
+            proj = {"type": "random", "dim": self.projection.dim, "seed": self.projection.seed,
+                    "kind": self.projection.kind}
+        return {"kind": "tracin", "checkpoints": cks, "projection": proj}
+
+    def _store_dtype(self) -> torch.dtype:
+        if self.projection is not None:
+            return torch.float32
+        for p in self.model.parameters():
+            return p.dtype
+        return torch.float32
+
+    def _store_layouts(self, first, batch_size) -> dict:
+        from .store import choose_layouts
+
+        if self.projection is not None:
+            return {}
+        for _, factors in self._pass(first, batch_size, "fastinf tracin: store layout", "train"):
+            return choose_layouts(factors)
+
+    def _store_shard(self, data, batch_size, layouts) -> dict:
+        from .store import cat_parts, encode_layer
+
+        dtype = self._store_dtype()
+        device = model_device(self.model)
+        parts, self_total = [], None
+        for ci, ck in enumerate(self.checkpoints):
+            selfs = []
+            with self._at(ck):
+                mats = self._kron_mats(device) if isinstance(
+                    self.projection, KroneckerProjection) else None
+                for _, factors in self._pass(data, batch_size, "fastinf tracin: store", "train"):
+                    e = self._entries(factors, mats)
+                    if self.projection is not None:
+                        parts.append({f"c{ci}/proj": e.detach().float().cpu()})
+                    else:
+                        part = {}
+                        for n in self.modules:
+                            part.update(encode_layer(f"c{ci}/{n}", e[n], layouts[n], dtype))
+                        parts.append(part)
+                    selfs.append(self._self_batch(e).float().cpu())
+            s = ck.lr * torch.cat(selfs)
+            self_total = s if self_total is None else self_total + s
+        out = cat_parts(parts)
+        out["self"] = self_total
+        return out

@@ -1,0 +1,86 @@
+"""End-to-end: scoring from a GradientStore vs recomputing training gradients per query batch.
+
+The direct path ``method.pairwise_scores(query, train)`` runs a training-gradient pass for every
+query batch (Kronfluence's approach); the store path pays that pass once (the build) and then
+reads shards. For 1, 16, 256, 1024 queries this prints both times, their ratio, the build time
+and the bytes stored per example, and appends the rows to ``bench/results/e2e.csv``.
+
+    python bench/e2e/store.py [--n-train 4096] [--width 256] [--method ekfac|tracin]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _util import append_rows, device_name, print_table  # noqa: E402
+
+import fastinf  # noqa: E402
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-train", type=int, default=4096)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--method", default="ekfac", choices=["ekfac", "tracin"])
+    ap.add_argument("--queries", default="1,16,256,1024")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--layout", default="auto", choices=["auto", "factors", "dense"])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    w = args.width
+    model = nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
+    n = args.n_train
+    X, y = torch.randn(n, 64), torch.randint(0, 10, (n,))
+    train = (X, y)
+    if args.method == "ekfac":
+        method = fastinf.EKFAC(model, loss_fn, progress=False).fit(train, args.batch_size)
+    else:
+        method = fastinf.TracIn(model, loss_fn, progress=False)
+    dev = device_name("cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        store = fastinf.GradientStore.build(os.path.join(tmp, "s"), method, train,
+                                            batch_size=args.batch_size, shard_size=4096,
+                                            progress=False, layout=args.layout)
+        build_s = time.perf_counter() - t0
+        per_ex = store.nbytes / len(store)
+        print(f"build {build_s:.2f} s, {per_ex:.0f} bytes/example, layouts {store.layouts}")
+        for nq in [int(q) for q in args.queries.split(",")]:
+            qx, qy = torch.randn(nq, 64), torch.randint(0, 10, (nq,))
+            t0 = time.perf_counter()
+            S_store = method.pairwise_scores((qx, qy), store, batch_size=args.batch_size)
+            t_store = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            S_direct = method.pairwise_scores((qx, qy), train, batch_size=args.batch_size)
+            t_direct = time.perf_counter() - t0
+            err = float((S_store - S_direct).abs().max() / S_direct.abs().max())
+            rows.append(dict(bench="store", method=args.method, layout=args.layout, device=dev, n_train=n,
+                             width=w, n_query=nq, build_s=round(build_s, 4),
+                             bytes_per_example=round(per_ex), store_s=round(t_store, 4),
+                             direct_s=round(t_direct, 4),
+                             direct_over_store=round(t_direct / t_store, 2),
+                             store_per_query_ms=round(1e3 * t_store / nq, 4),
+                             rel_err=f"{err:.1e}"))
+    print_table(rows, ["method", "n_query", "store_s", "direct_s", "direct_over_store",
+                       "store_per_query_ms", "build_s", "bytes_per_example", "rel_err"])
+    append_rows("e2e", rows)
+
+
+if __name__ == "__main__":
+    main()
