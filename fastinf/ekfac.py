@@ -22,24 +22,12 @@ from .capture import layer_shape, tracked_modules
 from .data import num_examples
 from .ops import _common as c
 from .ops.ekfac_lambda import ekfac_lambda
-from .ops.score_dense import flops as dense_flops
 from .ops.score_dense import score_dense
-from .ops.score_factored import flops as factored_flops
 from .ops.score_factored import score_factored
 from .store import DenseLayer
 
 FORMAT = "fastinf.ekfac"
 VERSION = 1
-
-
-def _dense_contraction(a_shape, m_shape):
-    """``"materialize"`` (per-example gradients, then one BLAS GEMM) unless the fused token order
-    saves more than 2x FLOPs: GEMM throughput beats the fused kernels by more than that on CPU
-    (measured 15x at T=1), so near-ties go to the GEMM."""
-    N, T, din = a_shape
-    Q, dout, _ = m_shape
-    f = dense_flops(N, T, Q, din, dout)
-    return "materialize" if f["materialize"] <= 2 * f["token"] else None
 
 
 class EKFAC:
@@ -228,8 +216,7 @@ class EKFAC:
             else:
                 A, G = lb.A.to(dt), lb.G.to(dt)
                 if p[0] == "dense":
-                    s = score_dense(A, G, p[1], a_mask=lb.mask,
-                                    contraction=_dense_contraction(A.shape, p[1].shape))
+                    s = score_dense(A, G, p[1], a_mask=lb.mask)
                 else:
                     s = score_factored(A, G, p[1], p[2], a_mask=lb.mask)
             s = s.to(dt)

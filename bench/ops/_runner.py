@@ -64,7 +64,7 @@ def run(op: str, shapes: Sequence, make: Callable, ours: Callable, baselines: Di
     for shape in shapes:
         inputs = make(shape, dtype, device)
         f = flops(*shape)
-        chosen = plan(*shape)
+        chosen = plan(*shape, torch.device(device).type)
         base = {}
         for name, (fn, nbytes) in baselines.items():
             if fits(nbytes(shape), device):

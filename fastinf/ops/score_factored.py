@@ -34,8 +34,11 @@ def flops(N, T, Q, S, din, dout) -> dict:
     }
 
 
-def plan(N, T, Q, S, din, dout) -> str:
-    """The cheaper contraction order by FLOPs (ties go to ``"factored"``, which moves less memory)."""
+def plan(N, T, Q, S, din, dout, device_type: str = "cpu") -> str:
+    """The cheaper contraction order by FLOPs (ties go to ``"factored"``, which moves less memory).
+
+    ``device_type`` is accepted for symmetry with the other ops; both orders measured alike.
+    """
     f = flops(N, T, Q, S, din, dout)
     return "factored" if f["factored"] <= f["materialize"] else "materialize"
 
