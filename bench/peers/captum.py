@@ -87,7 +87,7 @@ def main():
     err = ((S_fi.double() - S_cap.double()).abs().max() / S_cap.double().abs().max()).item()
     ok = err <= 1e-5
     ratio = t_fi / t_cap
-    print(f"device: {device_name()}")
+    print(f"device: {device_name('cpu')}")
     print(f"scores [{args.n_query} x {args.n_train}], 3 checkpoints: max rel diff {err:.2e} "
           f"({'identical' if ok else 'MISMATCH'} at 1e-5)")
     print(f"captum TracInCP {t_cap:.3f}s   fastinf {t_fi:.3f}s   ratio {ratio:.4f}x "
