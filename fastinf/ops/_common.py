@@ -184,3 +184,22 @@ def find_nonfinite(op: str, tensors: dict, masks: dict):
             raise ValueError(f"{op}: argument '{name}' has non-finite values (NaN or Inf) in "
                              f"{count} example(s), the first at index {idx}")
 
+
+
+def dispatch(custom_op, run, *args):
+    """Calls an op through its ``torch.library`` custom op when traced (torch.compile, fake or
+    meta tensors), and straight through ``run`` (the same implementation) in eager mode, which
+    saves the dispatcher's overhead on small calls."""
+    x = args[0]
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta":
+        return custom_op(*args)
+    return run(*args)
+
+
+def has_nonfinite(out: torch.Tensor) -> bool:
+    """True when ``out`` holds NaN/Inf: one reduction when all is finite (the common case)."""
+    if out.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    if bool(torch.isfinite(out.sum())):
+        return False
+    return not bool(torch.isfinite(out).all())

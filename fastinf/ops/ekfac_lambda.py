@@ -240,9 +240,9 @@ def ekfac_lambda(A: torch.Tensor, G: torch.Tensor, QA: torch.Tensor, QS: torch.T
         pref = ("torch",)  # bmm tiles beat the C++ rank-T accumulation beyond a few tokens
     backend = c.resolve_backend(OP, backend, A.device, A.dtype, pref)
     A, G, QA, QS = (x.detach() for x in (A, G, QA, QS))
-    out = _ekfac_lambda_op(A, G, QA, QS, a_mask, backend, contraction or "auto")
-    if check_finite and not torch.compiler.is_compiling() and out.numel() \
-            and not bool(torch.isfinite(out).all()):
+    out = c.dispatch(_ekfac_lambda_op, _run, A, G, QA, QS, a_mask, backend,
+                     contraction or "auto")
+    if check_finite and c.has_nonfinite(out):
         c.find_nonfinite(OP, {"A": A, "G": G}, {"A": a_mask, "G": a_mask})
         raise ValueError(f"{OP}: the result overflowed (inputs are finite but squares exceed "
                          f"the float32 range); rescale the inputs")

@@ -206,9 +206,8 @@ def jl_project(X: torch.Tensor, k: int, *, seed: int = 0, kind: str = "rademache
     validate(X, k, seed, kind)
     backend = c.resolve_backend(OP, backend, X.device, X.dtype, c.default_preference(X.device))
     X = X.detach()
-    out = _jl_project_op(X, k, seed_key(seed), kind, backend)
-    if check_finite and not torch.compiler.is_compiling() and out.numel() \
-            and not bool(torch.isfinite(out).all()):
+    out = c.dispatch(_jl_project_op, _run, X, k, seed_key(seed), kind, backend)
+    if check_finite and c.has_nonfinite(out):
         c.find_nonfinite(OP, {"X": X}, {})
         raise ValueError(f"{OP}: the projection overflowed (inputs are finite but the sums "
                          "exceed the float32 range); rescale the inputs")

@@ -207,9 +207,9 @@ def kron_project(A: torch.Tensor, G: torch.Tensor, P_in: torch.Tensor, P_out: to
                          f"{', '.join(CONTRACTIONS)} or None")
     backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
     A, G, P_in, P_out = (x.detach() for x in (A, G, P_in, P_out))
-    out = _kron_project_op(A, G, P_in, P_out, a_mask, backend, contraction or "auto")
-    if check_finite and not torch.compiler.is_compiling() and out.numel() \
-            and not bool(torch.isfinite(out).all()):
+    out = c.dispatch(_kron_project_op, _run, A, G, P_in, P_out, a_mask, backend,
+                     contraction or "auto")
+    if check_finite and c.has_nonfinite(out):
         c.find_nonfinite(OP, {"A": A, "G": G, "P_in": P_in[None], "P_out": P_out[None]},
                          {"A": a_mask, "G": a_mask})
         raise ValueError(f"{OP}: the projection overflowed (inputs are finite but products "

@@ -250,9 +250,8 @@ def score_dense(A: torch.Tensor, G: torch.Tensor, M: torch.Tensor, *,
                          f"{', '.join(CONTRACTIONS)} or None")
     backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
     A, G, M = (x.detach() for x in (A, G, M))
-    out = _score_dense_op(A, G, M, a_mask, backend, contraction or "auto")
-    if check_finite and not torch.compiler.is_compiling() and out.numel() \
-            and not bool(torch.isfinite(out).all()):
+    out = c.dispatch(_score_dense_op, _run, A, G, M, a_mask, backend, contraction or "auto")
+    if check_finite and c.has_nonfinite(out):
         c.find_nonfinite(OP, {"A": A, "G": G, "M": M}, {"A": a_mask, "G": a_mask})
         raise ValueError(f"{OP}: the scores overflowed (inputs are finite but products exceed "
                          f"the float32 range); rescale the inputs")

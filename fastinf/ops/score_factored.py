@@ -300,9 +300,9 @@ def score_factored(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, U: torch.T
                          f"{', '.join(CONTRACTIONS)} or None")
     backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
     A, G, V, U = (x.detach() for x in (A, G, V, U))
-    out = _score_factored_op(A, G, V, U, a_mask, v_mask, backend, contraction or "auto")
-    if check_finite and not torch.compiler.is_compiling() and out.numel() \
-            and not bool(torch.isfinite(out).all()):
+    out = c.dispatch(_score_factored_op, _run, A, G, V, U, a_mask, v_mask, backend,
+                     contraction or "auto")
+    if check_finite and c.has_nonfinite(out):
         c.find_nonfinite(OP, {"A": A, "G": G, "V": V, "U": U},
                          {"A": a_mask, "G": a_mask, "V": v_mask, "U": v_mask})
         raise ValueError(f"{OP}: the scores overflowed (inputs are finite but products exceed "
