@@ -93,9 +93,9 @@ def main():
     print(f"captum TracInCP {t_cap:.3f}s   fastinf {t_fi:.3f}s   ratio {ratio:.4f}x "
           f"(target <= 0.1x)")
     case = f"digits mlp 64-64-10, {args.n_query}q x {args.n_train}tr, 3 ckpts"
-    rows = [dict(device=device_name(), case=case, metric="seconds", fastinf=f"{t_fi:.4f}",
+    rows = [dict(device=device_name("cpu"), case=case, metric="seconds", fastinf=f"{t_fi:.4f}",
                  peer=f"{t_cap:.4f}", peer_name="captum.TracInCP", ratio=f"{ratio:.4f}"),
-            dict(device=device_name(), case=case, metric="max_rel_diff", fastinf=f"{err:.3e}",
+            dict(device=device_name("cpu"), case=case, metric="max_rel_diff", fastinf=f"{err:.3e}",
                  peer="0", peer_name="captum.TracInCP", ratio="")]
     append_rows("peers", rows)
     return 0 if ok else 1
