@@ -29,3 +29,34 @@ def test_compiled_module_has_no_torch_dependency():
 
 def test_version():
     assert isinstance(fastinf.__version__, str)
+
+
+def test_without_triton_installed(monkeypatch):
+    """Without the gpu extra, the report says so and the ops still run (cpu/torch backends)."""
+    import sys
+
+    from fastinf import _native
+    from fastinf.ops import _common, score_factored, score_factored_reference
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    _native._triton_status.cache_clear()
+    _common._usable_cached.cache_clear()
+    try:
+        st = fastinf.backends()["triton"]
+        assert not st.available and "triton not installed" in st.detail and "fastinf[gpu]" in st.detail
+        A, G, V, U = torch.randn(3, 2, 5), torch.randn(3, 2, 4), torch.randn(2, 2, 5), torch.randn(2, 2, 4)
+        want = score_factored_reference(*(t.double() for t in (A, G, V, U)))
+        torch.testing.assert_close(score_factored(A, G, V, U).double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        _native._triton_status.cache_clear()
+        _common._usable_cached.cache_clear()
+
+
+def test_bench_command_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    import fastinf.__main__ as cli
+    from fastinf.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site" / "fastinf" / "__main__.py"))
+    assert main(["bench", "ops"]) == 1
+    assert "run `fastinf bench` from the root of a clone" in capsys.readouterr().err
