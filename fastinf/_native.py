@@ -96,9 +96,14 @@ def backends() -> BackendReport:
         n, cerr = C.cuda_device_count()
         rt = C.cuda_runtime_version()
         rt_s = f"CUDA runtime {rt // 1000}.{rt % 1000 // 10}"
-        if n <= 0 or not gpu:
-            why = f": {cerr}" if cerr else ""
-            rep["cuda"] = BackendStatus("cuda", False, f"built ({rt_s}), but no GPU visible{why}")
+        if not gpu:
+            rep["cuda"] = BackendStatus("cuda", False, f"built ({rt_s}), but no GPU visible "
+                                        "(torch.cuda.is_available() is False)")
+        elif n <= 0:
+            # torch sees a GPU but our statically linked runtime cannot use it (old driver?)
+            rep["cuda"] = BackendStatus("cuda", False, f"built ({rt_s}), but no GPU visible to "
+                                        f"it: {cerr or 'no device'}; a driver for {rt_s} or "
+                                        "newer is needed")
         else:
             rep["cuda"] = BackendStatus("cuda", True, f"{rt_s}, {n} device(s)")
     return rep
