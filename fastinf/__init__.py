@@ -3,9 +3,10 @@ from ._native import backends
 from . import ops
 from .capture import NonFiniteError
 from .ekfac import EKFAC
-from .tracin import KroneckerProjection, RandomProjection, TracIn
 from .store import GradientStore, StoreError
+from .tracin import KroneckerProjection, RandomProjection, TracIn
+from . import integrations  # Kronfluence / TRAK bridges (they import no peer library)
 
 __version__ = "0.1.0"
-__all__ = ["backends", "ops", "EKFAC", "TracIn", "KroneckerProjection", "RandomProjection",
-           "NonFiniteError", "GradientStore", "StoreError", "__version__"]
+__all__ = ["backends", "ops", "integrations", "EKFAC", "TracIn", "KroneckerProjection",
+           "RandomProjection", "GradientStore", "StoreError", "NonFiniteError", "__version__"]
