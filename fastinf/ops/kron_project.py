@@ -147,9 +147,15 @@ def _run(A, G, P_in, P_out, a_mask, backend, contraction):
     if contraction == "materialize":
         return materialize_torch(A, G, P_in, P_out, a_mask)
     if backend == "cpu":
-        # Measured (bench/results/ops.csv, 2-core EPYC): torch's GEMM formulation beats the C++
-        # kernel at every size tried (1x at T=1, 3.4-4.5x at T=64..512), so the cpu backend
-        # dispatches to it; the C++ kernel stays reachable as _fused_cpu (tested) for tuning.
+        # Rule: the C++ kernel for float32 inputs with k_in * k_out <= 1024, else project_torch
+        # (float64 keeps torch's float64 result; at 64x64 the C++ kernel is ~10-20% slower).
+        # Measured, project contraction, 2-core EPYC Zen 3, 2 threads, median of 9 alternating
+        # runs (ms, torch -> C++): N=256 T=1 1025/1024 k=32x32 0.57 -> 0.52;
+        # N=32 T=64 513/512 16x16 0.86 -> 0.75; N=8 T=512 769/768 64x64 8.6 -> 9.7 (torch kept);
+        # T=256 conv-like: N=64 27/16 8x8 0.78 -> 0.35; N=64 144/32 16x16 1.52 -> 1.44;
+        # N=64 288/64 32x32 5.47 -> 5.27; N=32 576/64 32x32 4.48 -> 4.38.
+        if A.dtype == torch.float32 and P_in.shape[1] * P_out.shape[1] <= 1024:
+            return _fused_cpu(A, G, P_in, P_out, a_mask)
         return project_torch(A, G, P_in, P_out, a_mask)
     return _FUSED[backend](A, G, P_in, P_out, a_mask)
 
