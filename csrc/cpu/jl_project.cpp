@@ -31,15 +31,6 @@ constexpr int MRJ = 6;       // max rows of the register tile
 
 typedef uint32_t u8v __attribute__((vector_size(32)));
 
-FASTINF_INLINE u8v fmix32v(u8v h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
-
 // tile[ii * 16 + jj] = entry(hash(rows[jj], i0 + ii)), ii < ib (unscaled). Lanes jj past the end of
 // k get harmless values that the caller never stores.
 FASTINF_INLINE void gen_tile(const uint32_t* rows, int64_t i0, int64_t ib, int kind, float* tile) {
@@ -50,7 +41,7 @@ FASTINF_INLINE void gen_tile(const uint32_t* rows, int64_t i0, int64_t ib, int k
     const u8v sign = u8v{} + 0x80000000u, one = u8v{} + 0x3F800000u;
     for (int64_t ii = 0; ii < ib; ++ii) {
       const uint32_t m = static_cast<uint32_t>(i0 + ii) * 0x85EBCA77u;
-      const u8v h0 = fmix32v(r0 ^ m), h1 = fmix32v(r1 ^ m);
+      const u8v h0 = jl::fmix32(r0 ^ m), h1 = jl::fmix32(r1 ^ m);
       const u8v f0 = (h0 & sign) | one, f1 = (h1 & sign) | one;  // +-1.0f, sign = top bit
       __builtin_memcpy(tile + ii * NRJ, &f0, 32);
       __builtin_memcpy(tile + ii * NRJ + 8, &f1, 32);

@@ -1,9 +1,10 @@
 // jl_project on CUDA: Y = X Phi^T with Phi tiles generated in shared memory from the counter-based
-// hash of cpu/jl_hash.h (uint32 arithmetic, bit-identical). Each block computes a 32 x 32 tile of
+// hash of cpu/jl_hash.h (the same definition as the CPU kernel). Each block computes a 32 x 32 tile of
 // Y (32 rows of X x 32 rows of Phi) with 32 x 8 threads (4 outputs each), walking p in steps of 32.
 #include <cmath>
 
 #include "common.cuh"
+#include "cpu/jl_hash.h"
 
 namespace fastinf {
 namespace cuda {
@@ -11,23 +12,6 @@ namespace {
 
 constexpr int TILE = 32;
 constexpr int TY = 8;
-
-__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
-
-__device__ __forceinline__ float phi_entry(uint32_t row, uint32_t i, int kind) {
-  const uint32_t h = fmix32((i * 0x85EBCA77u) ^ row);
-  if (kind == 0) return (h >> 31) ? -1.f : 1.f;
-  const float u1 = (static_cast<float>(h >> 8) + 0.5f) * (1.f / 16777216.f);
-  const float u2 = static_cast<float>(fmix32(h ^ 0x27D4EB2Fu) >> 8) * (1.f / 16777216.f);
-  return sqrtf(-2.f * logf(u1)) * cosf(6.283185307179586f * u2);
-}
 
 template <typename T>
 __global__ void jl_project_tiles(const T* __restrict__ X, float* __restrict__ out, int64_t N,
@@ -41,7 +25,7 @@ __global__ void jl_project_tiles(const T* __restrict__ X, float* __restrict__ ou
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * TILE;
   if (tid < TILE) {
     const uint32_t j = static_cast<uint32_t>(j0 + tid);
-    rows[tid] = fmix32(j * 0x9E3779B1u + key);
+    rows[tid] = jl::row_key(key, j);
   }
   float acc[TILE / TY] = {0.f, 0.f, 0.f, 0.f};
   __syncthreads();
@@ -52,7 +36,9 @@ __global__ void jl_project_tiles(const T* __restrict__ X, float* __restrict__ ou
       const int64_t n = n0 + r;
       xs[r][cc] = (n < N && i < p) ? to_f32(X[n * p + i]) : 0.f;
       const int64_t j = j0 + r;
-      ps[r][cc] = (j < k && i < p) ? phi_entry(rows[r], static_cast<uint32_t>(i), kind) : 0.f;
+      ps[r][cc] = (j < k && i < p)
+                      ? jl::entry(jl::hash(rows[r], static_cast<uint32_t>(i)), kind)
+                      : 0.f;
     }
     __syncthreads();
 #pragma unroll 8
