@@ -339,3 +339,15 @@ def test_scalar_loss_message_says_per_example():
     with pytest.raises(ValueError, match=r"loss_fn returned a scalar.*reduction='none'"):
         capture(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batch,
                 tracked_modules(model))
+
+
+def test_documented_summary_line_is_what_the_code_prints():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "constraints.md").read_text()
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
+                                       batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
+                          nn.Linear(8, 3))
+    line = cap.tracking_summary(model, tracked_modules(model))["line"]
+    assert "    " + line + "\n" in doc, line
