@@ -175,7 +175,7 @@ def tracking_summary(model: nn.Module, modules: Dict[str, nn.Module]) -> dict:
     types: Dict[str, int] = {}
     for t in tracked.values():
         types[t["type"]] = types.get(t["type"], 0) + 1
-    line = (f"fastinf: tracking {len(tracked)} module{'s' if len(tracked) != 1 else ''} ("
+    line = (f"tracking {len(tracked)} module{'s' if len(tracked) != 1 else ''} ("
             + ", ".join(f"{k} x{v}" for k, v in types.items())
             + f"), {n_tracked:,} of {total:,} trainable parameters; left out: "
             + (", ".join(f"{k} x{e['modules']} ({e['params']:,} params)" for k, e in left.items())
