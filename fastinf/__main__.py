@@ -55,8 +55,11 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="fastinf", description="Fast TracIn and EK-FAC "
                                      "influence scores.")
+    parser.add_argument("--version", action="version", version=f"fastinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="version, torch version, usable backends and why others are not")
     p.set_defaults(func=_info)

@@ -35,7 +35,7 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
     ``select(batch_index) -> bool`` skips the capture of unselected batches (data-parallel
     splits, see :mod:`fastinf.distributed`).
     """
-    n = num_examples(data)
+    n = num_examples(data, name)
     if n == 0:
         raise ValueError(f"'{name}' is empty: nothing to compute")
     device = model_device(model)

@@ -1,14 +1,16 @@
 """Data plumbing shared by the algorithms: batching any of the accepted inputs, moving to a device.
 
-Accepted data: a ``torch.utils.data.Dataset``, a non-shuffling ``DataLoader``, a tensor (examples
-along dim 0), or a tuple/list of tensors of equal length.
+Accepted data: a ``torch.utils.data.Dataset``, a sequential ``DataLoader`` (one that visits every
+example of its dataset once, in order: default sampler, ``shuffle=False``, ``drop_last=False``), a
+tensor (examples along dim 0), or a tuple/list of tensors of equal length. Scores are indexed by
+dataset position, so loaders with another sampler are rejected (see :func:`check_loader`).
 """
 from __future__ import annotations
 
 from typing import Any, Iterator, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 from torch.utils.data import TensorDataset
 
 
@@ -17,15 +19,38 @@ def _check_batch_size(batch_size, name="batch_size"):
         raise ValueError(f"{name} must be a positive int, got {batch_size!r}")
 
 
+def check_loader(loader: DataLoader, name: str = "data") -> None:
+    """Rejects a DataLoader that does not yield every example of its dataset once, in order.
+
+    Score column i is example ``loader.dataset[i]``; a random, weighted, subset or custom sampler,
+    a custom ``batch_sampler`` or ``drop_last=True`` would silently misplace or drop columns.
+    """
+    bs = loader.batch_sampler
+    if bs is not None and type(bs) is not BatchSampler:
+        why = f"a custom batch_sampler ({type(bs).__name__})"
+    else:
+        sampler = bs.sampler if bs is not None else loader.sampler
+        ok = isinstance(sampler, SequentialSampler) or type(sampler).__name__ == \
+            "_InfiniteConstantSampler"  # IterableDataset: its own order
+        if not ok:
+            why = f"a {type(sampler).__name__} sampler" + (
+                " (shuffle=True)" if type(sampler).__name__ == "RandomSampler" else "")
+        elif bs is not None and bs.drop_last:
+            why = "drop_last=True (the last examples would get no scores)"
+        else:
+            return
+    raise ValueError(f"'{name}': the DataLoader has {why}; scores are indexed by position in "
+                     "loader.dataset, so the loader must visit every example once, in order. Pass "
+                     "the dataset itself (or torch.utils.data.Subset(dataset, indices) to score a "
+                     "subset, in the order of indices) with batch_size=..., or a DataLoader with "
+                     "the default sampler, shuffle=False and drop_last=False")
+
+
 def as_loader(data, batch_size: int, *, name: str = "data") -> DataLoader:
     """A sequential DataLoader over ``data`` (see module doc for what is accepted)."""
     _check_batch_size(batch_size)
     if isinstance(data, DataLoader):
-        if isinstance(data.sampler, RandomSampler) or (
-                data.batch_sampler is not None and isinstance(
-                    getattr(data.batch_sampler, "sampler", None), RandomSampler)):
-            raise ValueError(f"'{name}': the DataLoader shuffles (RandomSampler); scores are "
-                             "indexed by example position, so pass a loader with shuffle=False")
+        check_loader(data, name)
         return data
     if isinstance(data, torch.Tensor):
         ds = TensorDataset(data)
@@ -40,13 +65,14 @@ def as_loader(data, batch_size: int, *, name: str = "data") -> DataLoader:
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return DataLoader(data, batch_size=batch_size, shuffle=False,
                           sampler=SequentialSampler(data))
-    raise TypeError(f"'{name}' must be a Dataset, a non-shuffling DataLoader, a tensor or a tuple "
+    raise TypeError(f"'{name}' must be a Dataset, a sequential DataLoader, a tensor or a tuple "
                     f"of tensors, got {type(data).__name__}")
 
 
-def num_examples(data) -> int:
+def num_examples(data, name: str = "data") -> int:
     """Number of examples in ``data`` (any accepted form)."""
     if isinstance(data, DataLoader):
+        check_loader(data, name)
         return len(data.dataset)
     if isinstance(data, torch.Tensor):
         return int(data.shape[0])

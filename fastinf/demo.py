@@ -11,6 +11,7 @@ flipped, then
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -34,6 +35,21 @@ def _need_extras():
     except ImportError as exc:
         raise DemoError(f"the demo needs scikit-learn and matplotlib ({exc.name} is missing): "
                         "pip install 'fastinf[demo]'") from None
+
+
+def _writable_dir(out: str) -> Path:
+    """Creates ``out`` and checks a file can be written there, before any work is done."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise DemoError(f"--out {out}: exists and is not a folder; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise DemoError(f"--out {out}: cannot write there ({exc.strerror or exc}); pass a "
+                        "writable folder") from None
+    return path
 
 
 def load_digits_split(noise: float, seed: int):
@@ -164,8 +180,7 @@ def run(method: str = "both", noise: float = 0.1, out: str = "fastinf_demo", dev
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DemoError(f"device {device!r} asked for, but no CUDA device is visible")
     _need_extras()
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = _writable_dir(out)
     methods: List[str] = list(METHODS) if method == "both" else [method]
     timings: Dict[str, float] = {}
     t = time.perf_counter()

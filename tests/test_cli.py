@@ -48,3 +48,31 @@ def test_demo_end_to_end(tmp_path):
     assert det["tracin"]["top20%"] >= 0.6, det
     assert report["model"]["test_accuracy"] > 0.85
     assert set(report["timings"]) >= {"train_s", "ekfac_fit_s", "ekfac_self_scores_s"}
+
+
+def test_version(capsys):
+    import fastinf
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastinf {fastinf.__version__}"
+
+
+def test_demo_out_unwritable_fails_before_training(tmp_path, monkeypatch):
+    """`demo --out` into a place that cannot be written is one line, before any work is done."""
+    from fastinf import demo
+
+    def no_training(*a, **k):
+        raise AssertionError("the demo trained before checking --out")
+
+    monkeypatch.setattr(demo, "train", no_training)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for bad in (blocker, blocker / "sub"):
+        with pytest.raises(demo.DemoError, match=f"--out {bad}: ") as ei:
+            demo.run(out=str(bad), progress=False)
+        assert "\n" not in str(ei.value)
+    r = _cli("demo", "--out", str(blocker / "sub"), cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith(f"fastinf: error: --out {blocker / 'sub'}: ")
+    assert len(r.stderr.strip().splitlines()) == 1
