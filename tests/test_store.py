@@ -160,17 +160,9 @@ def test_top_influences_matches_full_topk(tmp_path, source):
 
 
 def _topk(m, query, src, k, largest, idx, kw):
-    from fastinf import store as st
-
-    chunk = kw.pop("chunk", None)
-    try:
-        if chunk is None:
-            return m.top_influences(query, src, k=k, largest=largest, train_indices=idx, **kw)
-        return st.top_influences(m, query, src, k, largest, idx, kw["batch_size"],
-                                 dict(query_rank=None, measurement_fn=None), chunk=chunk)
-    finally:
-        if chunk is not None:
-            kw["chunk"] = chunk
+    if "chunk" in kw:   # the engine's streaming block size: several chunks for a small train set
+        return fastinf.scoring.top_influences(m, query, src, k, largest, idx, **kw)
+    return m.top_influences(query, src, k=k, largest=largest, train_indices=idx, **kw)
 
 
 # --------------------------------------------------------------------------- kill and resume
