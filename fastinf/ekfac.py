@@ -162,7 +162,7 @@ class EKFAC:
     # ------------------------------------------------------------------ scoring protocol
     # (fastinf.scoring runs every loop; see docs/architecture.md)
     def terms(self):
-        return [(1.0, contextlib.nullcontext)]
+        return [(self, 1.0, contextlib.nullcontext)]
 
     def query_layers(self, layers: Dict[str, LayerBatch], query_rank: Optional[int] = None):
         """``H⁻¹D_q`` per layer: ``DenseLayer [Q, dout, din]``, or with ``query_rank=r`` its
@@ -229,8 +229,8 @@ class EKFAC:
 
         ``train``: data, or a :class:`fastinf.GradientStore` built with this method (no
         training-gradient pass then). ``query_rank=r`` approximates each preconditioned query
-        gradient by its rank-r truncated SVD (``score_factored``); None is exact
-        (``score_dense``). Under ``torch.distributed`` the train side is split across ranks and
+        gradient by its rank-r truncated SVD (``score_factored``, or ``score_dense`` against the
+        rank-r matrix where that needs fewer FLOPs); None is exact (``score_dense``). Under ``torch.distributed`` the train side is split across ranks and
         every rank returns the full matrix.
         """
         self._check_rank("pairwise_scores", query_rank)

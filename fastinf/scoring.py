@@ -12,9 +12,10 @@ protocol below (:class:`fastinf.EKFAC`, :class:`fastinf.TracIn`). A method holds
 * attributes ``model``, ``modules`` (``{name: module}``), ``loss_fn``, ``token_mask_fn``,
   ``progress`` (what the engine captures with), ``dtype`` (the scores' compute dtype) and
   ``backend`` (kernel backend for the ops, None = fastest usable);
-* ``terms() -> [(weight, at)]``: the weighted model states summed over (TracIn's checkpoints;
-  one ``(1.0, nullcontext)`` for EK-FAC); ``at()`` is a context manager putting the model in
-  that state;
+* ``terms() -> [(method, weight, at)]``: the weighted model states summed over (TracIn's
+  checkpoints; ``[(self, 1.0, nullcontext)]`` for EK-FAC); ``at()`` is a context manager putting
+  the model in that state, ``method`` the object whose capture settings and records compute the
+  term (itself; an ensemble lists its members' terms);
 * ``query_layers(layers, **options) -> {part: record}``: the query side of one query batch
   ``{module: LayerBatch}`` (``options``: e.g. EK-FAC's ``query_rank``); records of
   :mod:`fastinf.layers` with Q examples (EK-FAC: ``H⁻¹D_q`` dense or rank-r factors);
@@ -99,10 +100,10 @@ def query_state(method, query, batch_size: int, measurement_fn=None, **options
     if measurement_fn is not None and not callable(measurement_fn):
         raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
     states = []
-    for _, at in method.terms():
+    for m, _, at in method.terms():
         with at():
-            recs = [method.query_layers(layers, **options)
-                    for _, layers in _pass(method, query, batch_size, "query", measurement_fn)]
+            recs = [m.query_layers(layers, **options)
+                    for _, layers in _pass(m, query, batch_size, "query", measurement_fn)]
         states.append({p: Query(cat_records([r[p] for r in recs])) for p in recs[0]})
     return states
 
@@ -114,25 +115,24 @@ def _n_query(state) -> int:
 # --------------------------------------------------------------------------- train side
 def _data_block(method, state, data, batch_size) -> torch.Tensor:
     """``[Q, n]`` scores against ``data`` by a gradient pass per term."""
-    out = torch.zeros(_n_query(state), num_examples(data), dtype=method.dtype,
-                      device=model_device(method.model))
-    for (w, at), st in zip(method.terms(), state):
+    out = None
+    for (m, w, at), st in zip(method.terms(), state):
         with at():
-            for off, layers in _pass(method, data, batch_size, "train"):
-                s = _sum_scores(method, method.train_layers(layers), st)
-                out[:, off:off + s.shape[0]] += w * s.T
+            for off, layers in _pass(m, data, batch_size, "train"):
+                s = w * _sum_scores(m, m.train_layers(layers), st).T
+                out = s.new_zeros(s.shape[0], num_examples(data)) if out is None else out
+                out[:, off:off + s.shape[1]] += s.to(out.device)
     return out
 
 
 def _shard_block(method, state, store: Store, i: int) -> torch.Tensor:
     """``[Q, n_shard]`` scores against shard ``i`` of a store."""
     tensors = store.read_shard(i)
-    device = model_device(method.model)
     out = None
-    for c, ((w, _), st) in enumerate(zip(method.terms(), state)):
-        recs = decode(tensors, f"c{c}", method.modules, store.layouts, device)
-        s = w * _sum_scores(method, recs, st).T
-        out = s if out is None else out + s
+    for c, ((m, w, _), st) in enumerate(zip(method.terms(), state)):
+        recs = decode(tensors, f"c{c}", m.modules, store.layouts, model_device(m.model))
+        s = w * _sum_scores(m, recs, st).T
+        out = s if out is None else out + s.to(out.device)
     return out
 
 
@@ -242,12 +242,13 @@ def self_scores(method, train, batch_size: int = 64) -> torch.Tensor:
     if isinstance(train, Store):
         check_store(train, method)
         return train.self_scores()
-    out = torch.zeros(num_examples(train), dtype=method.dtype, device=model_device(method.model))
-    for w, at in method.terms():
+    out = None
+    for m, w, at in method.terms():
         with at():
-            for off, layers in _pass(method, train, batch_size, "train"):
-                s = _sum_self(method, method.train_layers(layers))
-                out[off:off + s.shape[0]] += w * s
+            for off, layers in _pass(m, train, batch_size, "train"):
+                s = w * _sum_self(m, m.train_layers(layers))
+                out = s.new_zeros(num_examples(train)) if out is None else out
+                out[off:off + s.shape[0]] += s.to(out.device)
     return out.float().cpu()
 
 
@@ -255,13 +256,13 @@ def self_scores(method, train, batch_size: int = 64) -> torch.Tensor:
 def _shard_tensors(method, data, batch_size, layouts, dtype) -> Dict[str, torch.Tensor]:
     """The tensors of one shard: the encoded train records per term ``c<k>/...`` and ``self``."""
     parts, self_total = [], None
-    for c, (w, at) in enumerate(method.terms()):
+    for c, (m, w, at) in enumerate(method.terms()):
         selfs = []
         with at():
-            for _, layers in _pass(method, data, batch_size, "store"):
-                recs = method.train_layers(layers)
+            for _, layers in _pass(m, data, batch_size, "store"):
+                recs = m.train_layers(layers)
                 parts.append(encode(f"c{c}", recs, layouts, dtype))
-                selfs.append(_sum_self(method, recs).float().cpu())
+                selfs.append(_sum_self(m, recs).float().cpu())
         s = w * torch.cat(selfs)
         self_total = s if self_total is None else self_total + s
     out = cat_parts(parts)

@@ -240,7 +240,7 @@ class TracIn:
     # ------------------------------------------------------------------ scoring protocol
     # (fastinf.scoring runs every loop; see docs/architecture.md)
     def terms(self):
-        return [(ck.lr, functools.partial(self._at, ck)) for ck in self.checkpoints]
+        return [(self, ck.lr, functools.partial(self._at, ck)) for ck in self.checkpoints]
 
     def train_layers(self, layers):
         """The factors themselves, or ``{"proj": Projected [B, K]}`` with a projection."""
