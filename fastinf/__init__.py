@@ -3,7 +3,8 @@ from ._native import backends
 from . import ops
 from .capture import NonFiniteError
 from .ekfac import EKFAC
-from .store import GradientStore, StoreError
+from .scoring import GradientStore
+from .store import StoreError
 from .tracin import KroneckerProjection, RandomProjection, TracIn
 from . import integrations  # Kronfluence / TRAK bridges (they import no peer library)
 

@@ -17,34 +17,19 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import LayerBatch
+
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
 
 class NonFiniteError(ValueError):
     """A loss or a captured gradient holds NaN/Inf; the message names the module and example."""
-
-
-@dataclass
-class LayerBatch:
-    """Factors of one tracked layer for one batch."""
-    A: torch.Tensor                      # [B, T, din]  layer inputs (bias column appended)
-    G: torch.Tensor                      # [B, T, dout] gradients w.r.t. the layer outputs
-    mask: Optional[torch.Tensor] = None  # [B, T] bool, False for excluded (padding) tokens
-
-    @property
-    def din(self) -> int:
-        return self.A.shape[-1]
-
-    @property
-    def dout(self) -> int:
-        return self.G.shape[-1]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -195,14 +180,6 @@ def layer_shape(module: nn.Module):
         kh, kw = module.kernel_size
         dout, din = module.out_channels, module.in_channels * kh * kw
     return dout, din + (1 if has_bias(module) else 0)
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The parameters as one ``[dout, din]`` matrix in the layout of ``D`` (bias last column)."""
-    w = module.weight.reshape(module.weight.shape[0], -1)
-    if module.bias is not None:
-        w = torch.cat([w, module.bias[:, None]], dim=1)
-    return w
 
 
 def _tokens_in(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

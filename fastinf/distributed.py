@@ -74,14 +74,6 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not enabled():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def mine(i: int) -> bool:
     """Whether work item ``i`` (a batch, a shard) belongs to this rank (strided split)."""
     return i % world() == rank()

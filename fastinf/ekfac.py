@@ -1,6 +1,6 @@
 """EK-FAC influence functions (Kronfluence conventions), over the fused ops.
 
-Per tracked layer (see DESIGN.md §1):
+Per tracked layer:
 
 * ``A = E[a aᵀ]`` and ``S = E[g gᵀ]``, averaged over (unmasked) tokens, eigendecomposed in float64;
 * eigenvalue correction ``Λ = mean_n (Q_Sᵀ D_n Q_A)^∘2`` over examples (op ``ekfac_lambda``);
@@ -10,6 +10,7 @@ Per tracked layer (see DESIGN.md §1):
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Callable, Dict, Optional
 
@@ -17,14 +18,13 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import scoring
 from ._pass import factor_pass, model_device
 from .capture import layer_shape, tracked_modules
-from .data import num_examples
+from .layers import DenseLayer, LayerBatch
 from .ops import _common as c
 from .ops.ekfac_lambda import ekfac_lambda
-from .ops.score_dense import score_dense
-from .ops.score_factored import score_factored
-from .store import DenseLayer
+from .store import hash_state
 
 FORMAT = "fastinf.ekfac"
 VERSION = 1
@@ -63,6 +63,7 @@ class EKFAC:
         self.progress = progress
         self.factors: Optional[Dict[str, dict]] = None
         self.n_fit = 0
+        self.backend: Optional[str] = None   # kernel backend of the ops (None: fastest usable)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -158,83 +159,69 @@ class EKFAC:
         R = R * self._inv_denominator(name)
         return QS @ R @ QA.T
 
-    def _query_matrices(self, query, batch_size, measurement_fn):
-        """Preconditioned query gradients ``{name: M [Q, dout, din]}`` and max query tokens."""
-        dt = self.dtype
-        Ds = {name: [] for name in self.modules}
-        tmax = {name: 0 for name in self.modules}
-        for _, factors in self._pass(query, batch_size, measurement_fn, "EK-FAC query gradients",
-                                     "measurement_fn", "query"):
-            for name, lb in factors.items():
-                Ds[name].append(self.precondition(
-                    name, torch.bmm(lb.G.to(dt).transpose(1, 2), lb.A.to(dt))))
-                T = lb.A.shape[1] if lb.mask is None else int(lb.mask.sum(1).max())
-                tmax[name] = max(tmax[name], T)
-        return {name: torch.cat(v, 0) for name, v in Ds.items()}, tmax
+    # ------------------------------------------------------------------ scoring protocol
+    # (fastinf.scoring runs every loop; see docs/architecture.md)
+    def terms(self):
+        return [(self, 1.0, contextlib.nullcontext)]
 
-    def _plan_layer(self, M, query_rank, tq, t_train, n_train):
-        """``("dense", M)`` or ``("factored", V, U)`` for one layer (see pairwise_scores)."""
-        Q, dout, din = M.shape
-        if query_rank is not None:
-            r = min(int(query_rank), dout, din)
+    def query_layers(self, layers: Dict[str, LayerBatch], query_rank: Optional[int] = None):
+        """``H⁻¹D_q`` per layer: ``DenseLayer [Q, dout, din]``, or with ``query_rank=r`` its
+        rank-r truncated SVD ``L R`` as factors ``LayerBatch(A=R [Q, r, din], G=Lᵀ [Q, r, dout])``.
+
+        H⁻¹D_q is not of rank ≤ T_q in general (the ⊘ (Λ+λ) is elementwise), so exact scores
+        use the dense preconditioned gradients."""
+        out = {}
+        for name, lb in layers.items():
+            M = self.precondition(name, lb.to(self.dtype).dense())
+            if query_rank is None:
+                out[name] = DenseLayer(M.contiguous())
+                continue
+            r = min(query_rank, M.shape[1], M.shape[2])
             U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            L = U[:, :, :r] * S[:, None, :r]
-            return ("factored", Vh[:, :r, :].contiguous(), L.transpose(1, 2).contiguous())
-        # H⁻¹D_q is not of rank ≤ T_q in general (the ⊘ (Λ+λ) is elementwise), so exact scores
-        # use the dense preconditioned gradients; measuring the rank by SVD cost more than it
-        # saved (seconds for 256 queries of a 128x65 layer on CPU).
-        return ("dense", M.contiguous())
+            out[name] = LayerBatch(Vh[:, :r, :].contiguous(),
+                                   (U[:, :, :r] * S[:, None, :r]).transpose(1, 2).contiguous())
+        return out
+
+    def train_layers(self, layers):
+        return layers
+
+    def self_layer(self, name: str, rec) -> torch.Tensor:
+        """``[B]`` ``Σ ((G_n Q_S)ᵀ (A_n Q_A))^∘2 ⊘ (Λ + λ)`` of one layer, examples in
+        workspace-sized tiles."""
+        dt = self.dtype
+        L = self.factors[name]
+        inv = self._inv_denominator(name)
+        if isinstance(rec, DenseLayer):
+            def rotated(n0, n1):
+                return L["QS"].T @ rec.D[n0:n1].to(dt) @ L["QA"]
+        else:
+            At = c.mask_rows(rec.A.to(dt), rec.mask) @ L["QA"]
+            Gt = c.mask_rows(rec.G.to(dt), rec.mask) @ L["QS"]
+
+            def rotated(n0, n1):
+                return torch.bmm(Gt[n0:n1].transpose(1, 2), At[n0:n1])
+        B = len(rec)
+        per = 2 * L["QS"].shape[0] * L["QA"].shape[0]
+        out = torch.zeros(B, dtype=dt, device=self.device)
+        nc = c.chunk(B, per * torch.finfo(dt).bits // 8)
+        for n0 in range(0, B, nc):
+            R = rotated(n0, n0 + nc)
+            out[n0:n0 + R.shape[0]] = (R * R * inv).sum((1, 2))
+        return out
+
+    def store_spec(self) -> dict:
+        self._require_fit("GradientStore")
+        fac = {f"{n}.{k}": L[k] for n, L in self.factors.items() for k in ("QA", "QS", "lam")}
+        return {"kind": "ekfac", "damping": self.damping,
+                "layer_damping": {n: float(L["damping"]) for n, L in self.factors.items()},
+                "factors_sha256": hash_state(fac)}
 
     # ------------------------------------------------------------------ scores
-    def _check_rank(self, query_rank):
+    def _check_rank(self, what, query_rank):
+        self._require_fit(what)
         if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int)
                                        or query_rank < 1):
             raise ValueError(f"query_rank must be None or a positive int, got {query_rank!r}")
-
-    def _query_state(self, query, batch_size, query_rank=None, measurement_fn=None):
-        """Per-layer scoring plans of the queries: ``("dense", M)`` or ``("factored", V, U)``."""
-        self._require_fit("pairwise_scores")
-        self._check_rank(query_rank)
-        Ms, tmax = self._query_matrices(query, batch_size, measurement_fn or self.loss_fn)
-        return {name: self._plan_layer(M, query_rank, tmax[name], None, None)
-                for name, M in Ms.items()}
-
-    @staticmethod
-    def _n_query(plans) -> int:
-        return next(iter(plans.values()))[1].shape[0]
-
-    def _score_batch(self, plans, layers) -> torch.Tensor:
-        """``[B, Q]`` scores of one train batch ``{name: LayerBatch | DenseLayer}``: the one
-        per-batch scoring step of the direct and the store paths."""
-        dt = self.dtype
-        total = None
-        for name, lb in layers.items():
-            p = plans[name]
-            if isinstance(lb, DenseLayer):
-                M = p[1] if p[0] == "dense" else torch.bmm(p[2].transpose(1, 2), p[1])
-                s = lb.D.to(dt).flatten(1) @ M.flatten(1).T
-            else:
-                A, G = lb.A.to(dt), lb.G.to(dt)
-                if p[0] == "dense":
-                    s = score_dense(A, G, p[1], a_mask=lb.mask)
-                else:
-                    s = score_factored(A, G, p[1], p[2], a_mask=lb.mask)
-            s = s.to(dt)
-            total = s if total is None else total + s
-        return total
-
-    def _direct_block(self, plans, data, batch_size) -> torch.Tensor:
-        """``[Q, n]`` scores of the queries against ``data`` by a gradient pass over it."""
-        out = torch.zeros(self._n_query(plans), num_examples(data), dtype=self.dtype,
-                          device=self.device)
-        for offset, factors in self._pass(data, batch_size, self.loss_fn, "EK-FAC pairwise scores",
-                                          "loss_fn", "train"):
-            s = self._score_batch(plans, factors)
-            out[:, offset:offset + s.shape[0]] += s.T
-        return out
-
-    def _shard_block(self, plans, store, tensors) -> torch.Tensor:
-        return self._score_batch(plans, store.entries(tensors, 1, self.modules, self.device)[0]).T
 
     def pairwise_scores(self, query, train, batch_size: int = 64, query_rank: Optional[int] = None,
                         measurement_fn: Optional[Callable] = None) -> torch.Tensor:
@@ -242,16 +229,13 @@ class EKFAC:
 
         ``train``: data, or a :class:`fastinf.GradientStore` built with this method (no
         training-gradient pass then). ``query_rank=r`` approximates each preconditioned query
-        gradient by its rank-r truncated SVD (``score_factored``); None is exact
-        (``score_dense``). Under ``torch.distributed`` the train side is split across ranks and
+        gradient by its rank-r truncated SVD (``score_factored``, or ``score_dense`` against the
+        rank-r matrix where that needs fewer FLOPs); None is exact (``score_dense``). Under ``torch.distributed`` the train side is split across ranks and
         every rank returns the full matrix.
         """
-        self._require_fit("pairwise_scores")
-        self._check_rank(query_rank)
-        from . import store
-
-        return store.pairwise(self, query, train, batch_size,
-                              dict(query_rank=query_rank, measurement_fn=measurement_fn))
+        self._check_rank("pairwise_scores", query_rank)
+        return scoring.pairwise(self, query, train, batch_size, measurement_fn=measurement_fn,
+                                query_rank=query_rank)
 
     def top_influences(self, query, train, k: int = 10, largest: bool = True,
                        train_indices=None, batch_size: int = 64, query_rank: Optional[int] = None,
@@ -261,93 +245,15 @@ class EKFAC:
         ``train``): memory bounded by k, the queries and one shard, never n_query × n_train.
         ``train_indices``: one index tensor for all queries or a list of one per query, restricting
         the candidates; missing candidates give ``nan`` / ``-1``."""
-        self._require_fit("top_influences")
-        self._check_rank(query_rank)
-        from . import store
-
-        return store.top_influences(self, query, train, k, largest, train_indices, batch_size,
-                                    dict(query_rank=query_rank, measurement_fn=measurement_fn))
-
-    def _self_batch(self, layers) -> torch.Tensor:
-        """``[B]`` self-influence ``Σ ((G_n Q_S)ᵀ (A_n Q_A))^∘2 ⊘ (Λ + λ)`` of one batch, examples
-        in workspace-sized tiles."""
-        dt = self.dtype
-        total = None
-        for name, lb in layers.items():
-            L = self.factors[name]
-            inv = self._inv_denominator(name)
-            if isinstance(lb, DenseLayer):
-                B = lb.D.shape[0]
-                out = torch.zeros(B, dtype=dt, device=self.device)
-                nc = c.chunk(B, 2 * lb.D[0].numel() * torch.finfo(dt).bits // 8)
-                for n0 in range(0, B, nc):
-                    R = L["QS"].T @ lb.D[n0:n0 + nc].to(dt) @ L["QA"]
-                    out[n0:n0 + R.shape[0]] = (R * R * inv).sum((1, 2))
-            else:
-                At = c.mask_rows(lb.A.to(dt), lb.mask) @ L["QA"]
-                Gt = c.mask_rows(lb.G.to(dt), lb.mask) @ L["QS"]
-                B = At.shape[0]
-                out = torch.zeros(B, dtype=dt, device=self.device)
-                nc = c.chunk(B, 2 * lb.din * lb.dout * torch.finfo(dt).bits // 8)
-                for n0 in range(0, B, nc):
-                    R = torch.bmm(Gt[n0:n0 + nc].transpose(1, 2), At[n0:n0 + nc])
-                    out[n0:n0 + R.shape[0]] = (R * R * inv).sum((1, 2))
-            total = out if total is None else total + out
-        return total
+        self._check_rank("top_influences", query_rank)
+        return scoring.top_influences(self, query, train, k, largest, train_indices, batch_size,
+                                      measurement_fn=measurement_fn, query_rank=query_rank)
 
     def self_scores(self, train, batch_size: int = 64) -> torch.Tensor:
-        """``[n_train]`` float32 self-influence ``Σ_layers ⟨H⁻¹D_n, D_n⟩`` (from a store:
+        """``[n_train]`` float32 self-influence ``Σ_layers ⟨H⁻¹D_n, D_n⟩`` (CPU; from a store:
         precomputed at build time)."""
         self._require_fit("self_scores")
-        from .store import self_scores_of
-
-        pre = self_scores_of(self, train, batch_size)
-        if pre is not None:
-            return pre
-        out = torch.zeros(num_examples(train), dtype=self.dtype, device=self.device)
-        for offset, factors in self._pass(train, batch_size, self.loss_fn, "EK-FAC self scores",
-                                          "loss_fn", "train"):
-            s = self._self_batch(factors)
-            out[offset:offset + s.shape[0]] += s
-        return out.float()
-
-    # ------------------------------------------------------------------ store protocol
-    def _store_spec(self) -> dict:
-        from .store import hash_state
-
-        self._require_fit("GradientStore")
-        fac = {f"{n}.{k}": L[k] for n, L in self.factors.items() for k in ("QA", "QS", "lam")}
-        return {"kind": "ekfac", "damping": self.damping,
-                "layer_damping": {n: float(L["damping"]) for n, L in self.factors.items()},
-                "factors_sha256": hash_state(fac)}
-
-    def _store_dtype(self) -> torch.dtype:
-        for p in self.model.parameters():
-            return p.dtype
-        return torch.float32
-
-    def _store_layouts(self, first, batch_size) -> dict:
-        from .store import choose_layouts
-
-        for _, factors in self._pass(first, batch_size, self.loss_fn, "EK-FAC store layout",
-                                     "loss_fn", "train"):
-            return choose_layouts(factors)
-
-    def _store_shard(self, data, batch_size, layouts) -> dict:
-        from .store import cat_parts, encode_layer
-
-        dtype = self._store_dtype()
-        parts, selfs = [], []
-        for _, factors in self._pass(data, batch_size, self.loss_fn, "EK-FAC store", "loss_fn",
-                                     "train"):
-            part = {}
-            for n, lb in factors.items():
-                part.update(encode_layer(f"c0/{n}", lb, layouts[n], dtype))
-            parts.append(part)
-            selfs.append(self._self_batch(factors).float().cpu())
-        out = cat_parts(parts)
-        out["self"] = torch.cat(selfs)
-        return out
+        return scoring.self_scores(self, train, batch_size)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

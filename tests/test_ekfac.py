@@ -295,6 +295,25 @@ def test_float32_and_bf16_models():
         assert S.dtype == torch.float32 and rel(S, ref) < tol
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_ekfac_and_tracin_return_scores_on_the_cpu(device, tmp_path):
+    """Both methods run on the model's device and return float32 CPU tensors, also from a store
+    (float64 models included: self-scores of EK-FAC used to stay on the model's device)."""
+    model, loss_fn, _, (X, y) = make_case("mlp")
+    model, train = model.to(device), (X.to(device), y.to(device))
+    methods = [fastinf.EKFAC(model, loss_fn, progress=False).fit(train),
+               fastinf.TracIn(model, loss_fn, progress=False)]
+    for i, m in enumerate(methods):
+        store = fastinf.GradientStore.build(tmp_path / str(i), m, train, batch_size=8,
+                                            progress=False)
+        outs = [m.self_scores(train, batch_size=8), m.self_scores(store),
+                m.pairwise_scores(train, train), m.pairwise_scores(train, store),
+                *m.top_influences(train, store, k=3)]
+        assert all(o.device.type == "cpu" for o in outs)
+        assert all(o.dtype == torch.float32 for o in outs[:4])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
 def test_readme_example():
     import re
     from pathlib import Path

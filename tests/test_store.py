@@ -1,7 +1,6 @@
 """GradientStore: store scores == direct scores, streaming top-k, kill-and-resume, corruption,
 mismatches, read-only directories, concurrent readers."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -10,43 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastinf
 from fastinf import GradientStore, StoreError
+from fastinf.layers import DenseLayer, LayerBatch, Query, score
+
+from _models import TinyTransformer, ce_loss, tf_loss, token_data
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class TinyTransformer(nn.Module):
-    def __init__(self, vocab=11, d=8, classes=3):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ff = nn.Linear(d, d, bias=False)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, tok, mask):
-        h = self.emb(tok)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        att = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
-        att = att.masked_fill(~mask[:, None, :], -1e9).softmax(-1)
-        h = h + self.proj(att @ v)
-        h = h + torch.tanh(self.ff(h))
-        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.head(pooled)
-
-
-def ce_loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
-def tf_loss(model, batch):
-    tok, mask, y = batch
-    return F.cross_entropy(model(tok, mask), y, reduction="none")
 
 
 def mlp_data(n, seed):
@@ -54,12 +25,8 @@ def mlp_data(n, seed):
     return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
-def tf_data(n, seed, L=7):
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(1, 11, (n, L), generator=g)
-    lens = torch.randint(2, L + 1, (n,), generator=g)
-    mask = torch.arange(L)[None] < lens[:, None]
-    return torch.where(mask, tok, 0), mask, torch.randint(0, 3, (n,), generator=g)
+def tf_data(n, seed):
+    return token_data(torch.Generator().manual_seed(seed), n)
 
 
 def make_mlp(seed=0):
@@ -124,6 +91,45 @@ def test_store_scores_equal_direct(tmp_path, case, kind):
     _close(m.self_scores(reopened), m.self_scores(train, batch_size=4))
 
 
+@pytest.mark.parametrize("layout", ["factors", "dense"])
+def test_low_rank_queries_from_a_store(tmp_path, layout):
+    """EK-FAC rank-r queries (factor records) against stored factors and stored dense gradients
+    give the direct scores."""
+    torch.manual_seed(0)
+    model = TinyTransformer(d=8)
+    train, query = tf_data(22, 1), tf_data(5, 2)
+    ek = fastinf.EKFAC(model, tf_loss, token_mask_fn=lambda b: b[1], progress=False).fit(train, 4)
+    store = GradientStore.build(tmp_path / "s", ek, train, batch_size=4, shard_size=8,
+                                progress=False, layout=layout)
+    for r in (1, 3):
+        direct = ek.pairwise_scores(query, train, batch_size=4, query_rank=r)
+        _close(ek.pairwise_scores(query, store, query_rank=r), direct)
+        v, i = ek.top_influences(query, store, k=4, query_rank=r)
+        _close(v, torch.topk(direct, 4, dim=1).values)
+
+
+def test_layer_records_contract_alike():
+    """layers.score: factors x factors (both orders of the planner), factors x dense, dense x
+    factors, dense x dense, all equal to <D_q, D_n> from the float64 dense gradients."""
+    g = torch.Generator().manual_seed(3)
+    train = LayerBatch(torch.randn(5, 4, 7, generator=g), torch.randn(5, 4, 3, generator=g),
+                       torch.rand(5, 4, generator=g) > 0.3)
+    query = LayerBatch(torch.randn(2, 6, 7, generator=g), torch.randn(2, 6, 3, generator=g),
+                       torch.rand(2, 6, generator=g) > 0.3)
+    want = train.to(torch.float64).dense().flatten(1) @ query.to(torch.float64).dense().flatten(1).T
+    got = []
+    for use_dense in (False, True):
+        q = Query(query)
+        q.use_dense = use_dense
+        got.append(score(train, q, torch.float32))
+    got.append(score(DenseLayer(train.dense()), Query(query), torch.float32))
+    got.append(score(train, Query(DenseLayer(query.dense())), torch.float32))
+    got.append(score(DenseLayer(train.dense()), Query(DenseLayer(query.dense())), torch.float32))
+    for s in got:
+        assert s.shape == (5, 2)
+        _close(s.double(), want)
+
+
 # --------------------------------------------------------------------------- top-k
 @pytest.mark.parametrize("source", ["store", "train"])
 def test_top_influences_matches_full_topk(tmp_path, source):
@@ -160,17 +166,9 @@ def test_top_influences_matches_full_topk(tmp_path, source):
 
 
 def _topk(m, query, src, k, largest, idx, kw):
-    from fastinf import store as st
-
-    chunk = kw.pop("chunk", None)
-    try:
-        if chunk is None:
-            return m.top_influences(query, src, k=k, largest=largest, train_indices=idx, **kw)
-        return st.top_influences(m, query, src, k, largest, idx, kw["batch_size"],
-                                 dict(query_rank=None, measurement_fn=None), chunk=chunk)
-    finally:
-        if chunk is not None:
-            kw["chunk"] = chunk
+    if "chunk" in kw:   # the engine's streaming block size: several chunks for a small train set
+        return fastinf.scoring.top_influences(m, query, src, k, largest, idx, **kw)
+    return m.top_influences(query, src, k=k, largest=largest, train_indices=idx, **kw)
 
 
 # --------------------------------------------------------------------------- kill and resume

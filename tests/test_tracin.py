@@ -1,11 +1,9 @@
 """TracIn: exact scores vs brute-force per-example gradients, projections, bad input, the doc example."""
-import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -13,28 +11,10 @@ import fastinf
 from fastinf._native import available
 from fastinf.capture import NonFiniteError, tracked_modules
 
+from _models import TinyTransformer, ce_loss, tf_loss, token_data
+
 
 # --------------------------------------------------------------------------- models and data
-class TinyTransformer(nn.Module):
-    def __init__(self, vocab=11, d=8, classes=3):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ff = nn.Linear(d, d, bias=False)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, tok, mask):                     # tok [B, L], mask [B, L]
-        h = self.emb(tok)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        att = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
-        att = att.masked_fill(~mask[:, None, :], -1e9).softmax(-1)
-        h = h + self.proj(att @ v)
-        h = h + torch.tanh(self.ff(h))
-        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.head(pooled)
-
-
 def _mlp():
     return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4))
 
@@ -45,28 +25,13 @@ def _cnn():
                          nn.Linear(4 * 2 * 2, 3))
 
 
-def ce_loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
-def tf_loss(model, batch):
-    tok, mask, y = batch
-    return F.cross_entropy(model(tok, mask), y, reduction="none")
-
-
 def _data(kind, n):
     g = torch.Generator().manual_seed(n)
     if kind == "mlp":
         return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
     if kind == "cnn":
         return torch.randn(n, 2, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
-    L = 7
-    tok = torch.randint(1, 11, (n, L), generator=g)
-    lens = torch.randint(2, L + 1, (n,), generator=g)
-    mask = torch.arange(L)[None] < lens[:, None]
-    tok = torch.where(mask, tok, 0)
-    return tok, mask, torch.randint(0, 3, (n,), generator=g)
+    return token_data(g, n)
 
 
 CASES = {"mlp": (_mlp, ce_loss), "cnn": (_cnn, ce_loss), "transformer": (TinyTransformer, tf_loss)}

@@ -1,0 +1,238 @@
+"""Per-layer records of per-example gradients: what they hold, how two of them contract (over
+the ops), and how one is encoded into a store's tensors.
+
+A *record* holds one part (a tracked layer, or a projection of all layers) for B examples:
+
+* :class:`LayerBatch` ``A [B, T, din]``, ``G [B, T, dout]``, ``mask [B, T]``: the factors of
+  ``D_n = G_nᵀ A_n`` (capture's output);
+* :class:`DenseLayer` ``D [B, dout, din]``: materialised gradients;
+* :class:`Projected` ``X [B, K]``: projected gradients.
+
+:func:`score` computes ``⟨D_q, D_n⟩_F`` for a train record against a :class:`Query` (a record of
+Q queries), whichever the two record types. Data flows method → scoring → store → layers → ops:
+this module imports only the ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .ops import _common as c
+from .ops.score_dense import flops as _score_dense_flops
+from .ops.score_dense import score_dense
+from .ops.score_factored import flops as _score_factored_flops
+from .ops.score_factored import score_factored
+
+
+@dataclass
+class LayerBatch:
+    """Factors of one tracked layer for one batch."""
+    A: torch.Tensor                      # [B, T, din]  layer inputs (bias column appended)
+    G: torch.Tensor                      # [B, T, dout] gradients w.r.t. the layer outputs
+    mask: Optional[torch.Tensor] = None  # [B, T] bool, False for excluded (padding) tokens
+
+    @property
+    def din(self) -> int:
+        return self.A.shape[-1]
+
+    @property
+    def dout(self) -> int:
+        return self.G.shape[-1]
+
+    def __len__(self) -> int:
+        return self.A.shape[0]
+
+    def to(self, dtype: torch.dtype) -> "LayerBatch":
+        return LayerBatch(self.A.detach().to(dtype), self.G.detach().to(dtype), self.mask)
+
+    def dense(self) -> torch.Tensor:
+        """``D [B, dout, din] = G_nᵀ A_n`` (excluded tokens contribute nothing)."""
+        return torch.bmm(c.mask_rows(self.G.detach(), self.mask).transpose(1, 2),
+                         c.mask_rows(self.A.detach(), self.mask))
+
+    def max_tokens(self) -> int:
+        return self.A.shape[1] if self.mask is None else int(self.mask.sum(1).max())
+
+
+@dataclass
+class DenseLayer:
+    """Materialised per-example gradients ``D [B, dout, din]`` of one layer."""
+    D: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.D.shape[0]
+
+
+@dataclass
+class Projected:
+    """Projected per-example gradients ``X [B, K]``."""
+    X: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+
+Record = Union[LayerBatch, DenseLayer, Projected]
+
+
+def cat_records(records: List[Record]) -> Record:
+    """One record of all examples of ``records`` (same type); factors are padded to the most
+    tokens, the padding masked."""
+    first = records[0]
+    if isinstance(first, DenseLayer):
+        return DenseLayer(torch.cat([r.D for r in records], 0))
+    if isinstance(first, Projected):
+        return Projected(torch.cat([r.X for r in records], 0))
+    S = max(r.A.shape[1] for r in records)
+    A = torch.cat([F.pad(r.A, (0, 0, 0, S - r.A.shape[1])) for r in records], 0)
+    G = torch.cat([F.pad(r.G, (0, 0, 0, S - r.G.shape[1])) for r in records], 0)
+    mask = None
+    if any(r.mask is not None or r.A.shape[1] != S for r in records):
+        ones = [r.mask if r.mask is not None else
+                torch.ones(r.A.shape[:2], dtype=torch.bool, device=r.A.device) for r in records]
+        mask = torch.cat([F.pad(m, (0, S - m.shape[1]), value=False) for m in ones], 0)
+    return LayerBatch(A.contiguous(), G.contiguous(), mask)
+
+
+# --------------------------------------------------------------------------- scoring
+def op_flops(op: str, **dims) -> float:
+    """FLOPs of ``op``'s cheapest contraction order for these sizes (the ops' cost model).
+    The one place this module reads the cost model."""
+    fn = {"score_dense": _score_dense_flops, "score_factored": _score_factored_flops}[op]
+    return min(fn(**dims).values())
+
+
+class Query:
+    """The query side of one part: a record of Q queries, its dense form built at most once,
+    and (for factors) whether scoring goes through that dense form, decided by FLOPs at the
+    first train batch."""
+
+    def __init__(self, rec: Record):
+        self.rec = rec
+        self._dense: Optional[torch.Tensor] = None
+        self.use_dense: Optional[bool] = None
+
+    def __len__(self) -> int:
+        return len(self.rec)
+
+    def dense(self) -> torch.Tensor:
+        """``[Q, dout, din]``."""
+        if self._dense is None:
+            self._dense = self.rec.D if isinstance(self.rec, DenseLayer) else \
+                self.rec.dense().contiguous()
+        return self._dense
+
+    def _prefer_dense(self, train: LayerBatch) -> bool:
+        if self.use_dense is None:
+            # score_factored against the query tokens vs score_dense against D_q = G_qᵀ A_q;
+            # D_q is built once and kept only if it fits the workspace.
+            N, T, din = train.A.shape
+            Q, S, dout = self.rec.G.shape
+            f_fact = op_flops("score_factored", N=N, T=T, Q=Q, S=S, din=din, dout=dout)
+            f_dense = op_flops("score_dense", N=N, T=T, Q=Q, din=din, dout=dout)
+            size = Q * dout * din * self.rec.G.element_size()
+            self.use_dense = f_dense < f_fact and size <= 4 * c.workspace_bytes()
+        return self.use_dense
+
+
+def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = None
+          ) -> torch.Tensor:
+    """``[B, Q]`` ``⟨D_q, D_n⟩_F`` of a train record against the queries, computed in ``dtype``."""
+    r = q.rec
+    if isinstance(r, Projected):
+        return train.X.to(dtype) @ r.X.to(dtype).T
+    if isinstance(train, DenseLayer):
+        return train.D.to(dtype).flatten(1) @ q.dense().flatten(1).T
+    A, G = train.A.detach().to(dtype), train.G.detach().to(dtype)
+    if isinstance(r, LayerBatch) and not q._prefer_dense(train):
+        s = score_factored(A, G, r.A, r.G, a_mask=train.mask, v_mask=r.mask, backend=backend)
+    else:
+        s = score_dense(A, G, q.dense(), a_mask=train.mask, backend=backend)
+    return s.to(dtype)
+
+
+# --------------------------------------------------------------------------- encoding
+def pack_factors(lb: LayerBatch, dtype: torch.dtype):
+    """``(A_flat [ntok, din], G_flat [ntok, dout], offsets [B+1])``, masked tokens dropped."""
+    B, T, _ = lb.A.shape
+    keep = torch.ones(B, T, dtype=torch.bool, device=lb.A.device) if lb.mask is None else lb.mask
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(keep.sum(1).cpu().to(torch.int64), 0)
+    return lb.A.detach()[keep].to(dtype).cpu(), lb.G.detach()[keep].to(dtype).cpu(), offsets
+
+
+def unpack_factors(A: torch.Tensor, G: torch.Tensor, offsets: torch.Tensor, device) -> LayerBatch:
+    """Padded ``LayerBatch`` ``[B, Tmax, ·]`` (mask None when every example has Tmax tokens)."""
+    counts = offsets[1:] - offsets[:-1]
+    B = counts.numel()
+    Tm = int(counts.max()) if B else 0
+    if B and bool((counts == Tm).all()):
+        return LayerBatch(A.reshape(B, Tm, -1).to(device), G.reshape(B, Tm, -1).to(device), None)
+    mask = torch.arange(Tm)[None, :] < counts[:, None]
+    Ap = A.new_zeros(B, Tm, A.shape[1])
+    Gp = G.new_zeros(B, Tm, G.shape[1])
+    Ap[mask] = A
+    Gp[mask] = G
+    return LayerBatch(Ap.to(device), Gp.to(device), mask.to(device))
+
+
+def choose_layouts(records: Dict[str, Record]) -> Dict[str, str]:
+    """Per factor record: ``"factors"`` where ``T·(din+dout) < din·dout`` (T = most tokens of an
+    example), else ``"dense"``. Other records have one layout and no entry."""
+    return {name: "factors" if lb.max_tokens() * (lb.din + lb.dout) < lb.din * lb.dout
+            else "dense" for name, lb in records.items() if isinstance(lb, LayerBatch)}
+
+
+def encode(prefix: str, records: Dict[str, Record], layouts: Dict[str, str],
+           dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """The tensors of a store shard for ``records``: ``<prefix>/<part>/A``, ``/G``, ``/offsets``
+    (factors), ``<prefix>/<part>/D`` (dense) or ``<prefix>/<part>`` (projected, float32)."""
+    out = {}
+    for part, rec in records.items():
+        key = f"{prefix}/{part}"
+        if isinstance(rec, Projected):
+            out[key] = rec.X.detach().float().cpu()
+        elif layouts[part] == "factors":
+            out[f"{key}/A"], out[f"{key}/G"], out[f"{key}/offsets"] = pack_factors(rec, dtype)
+        else:
+            out[f"{key}/D"] = rec.dense().to(dtype).cpu()
+    return out
+
+
+def decode(tensors: Dict[str, torch.Tensor], prefix: str, names, layouts: Dict[str, str],
+           device) -> Dict[str, Record]:
+    """Inverse of :func:`encode`: ``{"proj": Projected}`` where the shard holds ``<prefix>/proj``,
+    else ``{name: LayerBatch | DenseLayer}`` for ``names`` (in that order)."""
+    if f"{prefix}/proj" in tensors:
+        return {"proj": Projected(tensors[f"{prefix}/proj"].to(device))}
+    out = {}
+    for n in names:
+        key = f"{prefix}/{n}"
+        if layouts[n] == "factors":
+            out[n] = unpack_factors(tensors[f"{key}/A"], tensors[f"{key}/G"],
+                                    tensors[f"{key}/offsets"], device)
+        else:
+            out[n] = DenseLayer(tensors[f"{key}/D"].to(device))
+    return out
+
+
+def cat_parts(parts: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Concatenates the per-batch encodings of one shard (offsets are re-based)."""
+    out: Dict[str, List[torch.Tensor]] = {}
+    for p in parts:
+        for k, v in p.items():
+            out.setdefault(k, []).append(v)
+    res = {}
+    for k, vs in out.items():
+        if k.endswith("/offsets"):
+            acc, base = [vs[0]], int(vs[0][-1])
+            for v in vs[1:]:
+                acc.append(v[1:] + base)
+                base += int(v[-1])
+            res[k] = torch.cat(acc).contiguous()
+        else:
+            res[k] = torch.cat(vs, 0).contiguous()
+    return res

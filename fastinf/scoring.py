@@ -1,0 +1,325 @@
+"""The scoring engine: every loop of every method, written once.
+
+Pairwise scores, streaming top-k, self-scores, building a store, the train side over data batches
+or store shards, the distributed split: all run here, for any object following the method
+protocol below (:class:`fastinf.EKFAC`, :class:`fastinf.TracIn`). A method holds only its math:
+
+``score(q, n) = Σ_terms w · Σ_parts ⟨query record of q, train record of n⟩_F``
+``self(n)     = Σ_terms w · Σ_parts self_layer(part, train record of n)``
+
+**Method protocol** (see docs/architecture.md):
+
+* attributes ``model``, ``modules`` (``{name: module}``), ``loss_fn``, ``token_mask_fn``,
+  ``progress`` (what the engine captures with), ``dtype`` (the scores' compute dtype) and
+  ``backend`` (kernel backend for the ops, None = fastest usable);
+* ``terms() -> [(method, weight, at)]``: the weighted model states summed over (TracIn's
+  checkpoints; ``[(self, 1.0, nullcontext)]`` for EK-FAC); ``at()`` is a context manager putting
+  the model in that state, ``method`` the object whose capture settings and records compute the
+  term (itself; an ensemble lists its members' terms);
+* ``query_layers(layers, **options) -> {part: record}``: the query side of one query batch
+  ``{module: LayerBatch}`` (``options``: e.g. EK-FAC's ``query_rank``); records of
+  :mod:`fastinf.layers` with Q examples (EK-FAC: ``H⁻¹D_q`` dense or rank-r factors);
+* ``train_layers(layers) -> {part: record}``: the train side of one batch, what a store keeps
+  (identity, or TracIn's projection);
+* ``self_layer(part, record) -> [B]``: the self-influence of one part;
+* ``store_spec() -> dict``: JSON settings a store is checked against (raises if not ready).
+
+Results come back as float32 on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import distributed as dist
+from ._pass import factor_pass, model_device, progress_bar
+from .capture import layer_shape
+from .data import _check_batch_size, num_examples
+from .layers import Query, cat_parts, cat_records, choose_layouts, decode, encode, score
+from .store import Store, StoreWriter, hash_state
+
+__all__ = ["GradientStore", "pairwise", "top_influences", "self_scores", "query_state"]
+
+
+# --------------------------------------------------------------------------- helpers
+def subset(data, start: int, stop: int):
+    """Examples ``[start, stop)`` of any accepted data form, in the same form."""
+    if isinstance(data, torch.Tensor):
+        return data[start:stop]
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return tuple(t[start:stop] for t in data)
+    if isinstance(data, DataLoader):
+        return DataLoader(Subset(data.dataset, range(start, stop)), batch_size=data.batch_size,
+                          shuffle=False, collate_fn=data.collate_fn, num_workers=data.num_workers)
+    return Subset(data, range(start, stop))
+
+
+def _pass(method, data, batch_size, name, measurement_fn=None):
+    """``(offset, {module: LayerBatch})`` per batch of ``data`` with the method's capture."""
+    what = "loss_fn" if measurement_fn is None else "measurement_fn"
+    return factor_pass(method.model, measurement_fn or method.loss_fn, data, method.modules,
+                       batch_size, token_mask_fn=method.token_mask_fn, desc=f"fastinf {name}",
+                       progress=method.progress, what=what, name=name)
+
+
+def _sum_scores(method, records, state) -> torch.Tensor:
+    """``[B, Q]``: the parts of one train batch scored against the queries and summed."""
+    total = None
+    for part, rec in records.items():
+        s = score(rec, state[part], method.dtype, method.backend)
+        total = s if total is None else total + s
+    return total
+
+
+def _sum_self(method, records) -> torch.Tensor:
+    total = None
+    for part, rec in records.items():
+        s = method.self_layer(part, rec)
+        total = s if total is None else total + s
+    return total
+
+
+def model_fingerprint(method) -> dict:
+    return {"modules": {n: list(layer_shape(m)) for n, m in method.modules.items()},
+            "weights_sha256": hash_state(method.model.state_dict())}
+
+
+def check_store(store: Store, method) -> None:
+    """Raises :class:`fastinf.StoreError` if ``store`` was not built with ``method``."""
+    store.check_match(model_fingerprint(method), method.store_spec())
+
+
+# --------------------------------------------------------------------------- query side
+def query_state(method, query, batch_size: int, measurement_fn=None, **options
+                ) -> List[Dict[str, Query]]:
+    """Per term of the method: ``{part: Query}`` over all of ``query``."""
+    _check_batch_size(batch_size)
+    if measurement_fn is not None and not callable(measurement_fn):
+        raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
+    states = []
+    for m, _, at in method.terms():
+        with at():
+            recs = [m.query_layers(layers, **options)
+                    for _, layers in _pass(m, query, batch_size, "query", measurement_fn)]
+        states.append({p: Query(cat_records([r[p] for r in recs])) for p in recs[0]})
+    return states
+
+
+def _n_query(state) -> int:
+    return len(next(iter(state[0].values())))
+
+
+# --------------------------------------------------------------------------- train side
+def _data_block(method, state, data, batch_size) -> torch.Tensor:
+    """``[Q, n]`` scores against ``data`` by a gradient pass per term."""
+    out = None
+    for (m, w, at), st in zip(method.terms(), state):
+        with at():
+            for off, layers in _pass(m, data, batch_size, "train"):
+                s = w * _sum_scores(m, m.train_layers(layers), st).T
+                out = s.new_zeros(s.shape[0], num_examples(data)) if out is None else out
+                out[:, off:off + s.shape[1]] += s.to(out.device)
+    return out
+
+
+def _shard_block(method, state, store: Store, i: int) -> torch.Tensor:
+    """``[Q, n_shard]`` scores against shard ``i`` of a store."""
+    tensors = store.read_shard(i)
+    out = None
+    for c, ((m, w, _), st) in enumerate(zip(method.terms(), state)):
+        recs = decode(tensors, f"c{c}", m.modules, store.layouts, model_device(m.model))
+        s = w * _sum_scores(m, recs, st).T
+        out = s if out is None else out + s.to(out.device)
+    return out
+
+
+def _train_blocks(method, state, train, batch_size, chunk):
+    """Yields ``(offset, scores [Q, B])`` blocks of this rank's part of the train side."""
+    if isinstance(train, Store):
+        check_store(train, method)
+        for i, s in enumerate(train.shards):
+            if dist.mine(i):
+                yield s["start"], _shard_block(method, state, train, i)
+        return
+    n = num_examples(train)
+    # contiguous split across ranks, aligned to batches, then chunks bound the memory
+    per = -(-n // dist.world())
+    per = -(-per // batch_size) * batch_size
+    lo, hi = min(n, dist.rank() * per), min(n, (dist.rank() + 1) * per)
+    chunk = max(batch_size, chunk // batch_size * batch_size)
+    for start in range(lo, hi, chunk):
+        stop = min(hi, start + chunk)
+        data = train if (start, stop) == (0, n) else subset(train, start, stop)
+        yield start, _data_block(method, state, data, batch_size)
+
+
+# --------------------------------------------------------------------------- outputs
+def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None, **options
+             ) -> torch.Tensor:
+    """``[n_query, n_train]`` float32 scores (CPU); every rank returns the full matrix."""
+    state = query_state(method, query, batch_size, measurement_fn, **options)
+    n = num_examples(train)
+    out = torch.zeros(_n_query(state), n, dtype=torch.float32)
+    blocks = [(o, b.float().cpu())
+              for o, b in _train_blocks(method, state, train, batch_size, chunk=max(n, 1))]
+    for part in dist.all_gather_object(blocks):
+        for o, b in part:
+            out[:, o:o + b.shape[1]] = b
+    return out
+
+
+def _normalize_indices(train_indices, Q, n):
+    if train_indices is None:
+        return None
+    if isinstance(train_indices, torch.Tensor):
+        idx = train_indices.to(torch.int64).reshape(-1)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"train_indices: values must lie in [0, {n}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        m = torch.zeros(n, dtype=torch.bool)
+        m[idx] = True
+        return m[None]
+    if isinstance(train_indices, Sequence):
+        if len(train_indices) != Q:
+            raise ValueError(f"train_indices: one index tensor per query expected ({Q}), got "
+                             f"{len(train_indices)}")
+        m = torch.zeros(Q, n, dtype=torch.bool)
+        for q, t in enumerate(train_indices):
+            t = torch.as_tensor(t, dtype=torch.int64).reshape(-1)
+            if t.numel() and (t.min() < 0 or t.max() >= n):
+                raise ValueError(f"train_indices[{q}]: values must lie in [0, {n})")
+            m[q, t] = True
+        return m
+    raise TypeError("train_indices must be None, a tensor of indices, or a list of index tensors "
+                    "(one per query)")
+
+
+def top_influences(method, query, train, k: int = 10, largest: bool = True, train_indices=None,
+                   batch_size: int = 64, *, chunk: int = 4096, measurement_fn=None, **options):
+    """``(values [Q, k], indices [Q, k])`` streamed over shards / chunks of ``train``.
+
+    Memory: the query state, one shard (or chunk) of scores ``[Q, chunk]`` and the running
+    top-k. Where a query has fewer than k candidates the tail is ``nan`` / index ``-1``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    state = query_state(method, query, batch_size, measurement_fn, **options)
+    Q = _n_query(state)
+    n = num_examples(train)
+    allowed = _normalize_indices(train_indices, Q, n)     # bool [1|Q, n] (n bits, not n×Q scores)
+    fill = float("-inf") if largest else float("inf")
+    vals = torch.full((Q, 0), fill)
+    idxs = torch.zeros((Q, 0), dtype=torch.int64)
+    for off, block in _train_blocks(method, state, train, batch_size, chunk):
+        block = block.float().cpu()
+        B = block.shape[1]
+        if allowed is not None:
+            block = block.masked_fill(~allowed[:, off:off + B], fill)
+        cand_v = torch.cat([vals, block], 1)
+        cand_i = torch.cat([idxs, torch.arange(off, off + B).expand(Q, B)], 1)
+        vals, pos = torch.topk(cand_v, min(k, cand_v.shape[1]), dim=1, largest=largest)
+        idxs = torch.gather(cand_i, 1, pos)
+    parts = dist.all_gather_object((vals, idxs))
+    if len(parts) > 1:
+        vals = torch.cat([p[0] for p in parts], 1)
+        idxs = torch.cat([p[1] for p in parts], 1)
+        vals, pos = torch.topk(vals, min(k, vals.shape[1]), dim=1, largest=largest)
+        idxs = torch.gather(idxs, 1, pos)
+    if vals.shape[1] < k:
+        pad = k - vals.shape[1]
+        vals = torch.cat([vals, torch.full((Q, pad), fill)], 1)
+        idxs = torch.cat([idxs, torch.full((Q, pad), -1, dtype=torch.int64)], 1)
+    invalid = torch.isinf(vals) & (vals == fill)
+    return vals.masked_fill(invalid, float("nan")), idxs.masked_fill(invalid, -1)
+
+
+def self_scores(method, train, batch_size: int = 64) -> torch.Tensor:
+    """``[n_train]`` float32 self-influence (CPU); from a store: precomputed at build time."""
+    _check_batch_size(batch_size)
+    if isinstance(train, Store):
+        check_store(train, method)
+        return train.self_scores()
+    out = None
+    for m, w, at in method.terms():
+        with at():
+            for off, layers in _pass(m, train, batch_size, "train"):
+                s = w * _sum_self(m, m.train_layers(layers))
+                out = s.new_zeros(num_examples(train)) if out is None else out
+                out[off:off + s.shape[0]] += s.to(out.device)
+    return out.float().cpu()
+
+
+# --------------------------------------------------------------------------- building a store
+def _shard_tensors(method, data, batch_size, layouts, dtype) -> Dict[str, torch.Tensor]:
+    """The tensors of one shard: the encoded train records per term ``c<k>/...`` and ``self``."""
+    parts, self_total = [], None
+    for c, (m, w, at) in enumerate(method.terms()):
+        selfs = []
+        with at():
+            for _, layers in _pass(m, data, batch_size, "store"):
+                recs = m.train_layers(layers)
+                parts.append(encode(f"c{c}", recs, layouts, dtype))
+                selfs.append(_sum_self(m, recs).float().cpu())
+        s = w * torch.cat(selfs)
+        self_total = s if self_total is None else self_total + s
+    out = cat_parts(parts)
+    out["self"] = self_total
+    return out
+
+
+class GradientStore(Store):
+    """A gradient store (see :mod:`fastinf.store` for the format): ``open`` a built one, or
+    ``build`` it with a method; accepted wherever a method takes ``train``."""
+
+    def check(self, method) -> None:
+        """Raises :class:`fastinf.StoreError` naming the mismatch if ``method`` (and its model)
+        is not the one the store was built with."""
+        check_store(self, method)
+
+    @classmethod
+    def build(cls, path, method, train, batch_size: int = 64, shard_size: int = 4096, *,
+              resume: bool = True, overwrite: bool = False, progress: bool = True,
+              layout: str = "auto") -> "GradientStore":
+        """Runs the training-gradient pass of ``method`` over ``train`` once and writes the store.
+
+        ``resume=True`` continues a build of the same store (same model, method, data size, shard
+        and batch sizes) that stopped; ``resume=False`` on an existing store raises unless
+        ``overwrite=True``. Under ``torch.distributed`` each rank writes the shards
+        ``i % world == rank`` and rank 0 writes the final manifest. ``layout``: ``"auto"``
+        (factors where ``T·(din+dout) < din·dout``, else dense), ``"factors"`` or ``"dense"``
+        (every layer; dense makes each score one GEMM at a higher storage cost).
+        """
+        if layout not in ("auto", "factors", "dense"):
+            raise ValueError(f"layout must be 'auto', 'factors' or 'dense', got {layout!r}")
+        _check_batch_size(batch_size)
+        _check_batch_size(shard_size, "shard_size")
+        n = num_examples(train)
+        if n == 0:
+            raise ValueError("'train' is empty: nothing to store")
+        spec = method.store_spec()
+        with contextlib.closing(_pass(method, subset(train, 0, min(batch_size, n)), batch_size,
+                                      "store layout")) as first:
+            layouts = choose_layouts(method.train_layers(next(first)[1]))
+        if layout != "auto":
+            layouts = {k: layout for k in layouts}
+        # factors and dense gradients are kept in the model's dtype, projections in float32
+        dtype = next((p.dtype for p in method.model.parameters()), torch.float32) \
+            if layouts else torch.float32
+        writer = StoreWriter(path, model=model_fingerprint(method), method=spec, layouts=layouts,
+                             dtype=dtype, n_examples=n, shard_size=shard_size,
+                             batch_size=batch_size, resume=resume, overwrite=overwrite)
+        n_shards = (n + shard_size - 1) // shard_size
+        mine = [i for i in range(n_shards) if dist.mine(i)]
+        with progress_bar(sum(min(shard_size, n - i * shard_size) for i in mine),
+                          "fastinf store", progress) as bar:
+            for i in mine:
+                start, stop = i * shard_size, min(n, (i + 1) * shard_size)
+                if i not in writer.done:
+                    writer.write(i, start, stop, _shard_tensors(
+                        method, subset(train, start, stop), batch_size, layouts, dtype))
+                bar.update(stop - start)
+        writer.finish(n_shards)
+        return cls.open(path, verify=False)
