@@ -136,6 +136,30 @@ def test_grid_limit_is_a_clear_error():
         _common.grid_1d("op", 2**31)
 
 
+@pytest.mark.parametrize("op", ["jl_project", "kron_project", "ekfac_lambda"])
+def test_large_outputs_use_one_dimensional_grids(op, monkeypatch):
+    """Grid axes 1 and 2 hold 65535 programs: jl_project's k tiles passed them at k ≈ 2.1 M."""
+    import importlib
+
+    mod = importlib.import_module(f"fastinf.triton.{op}")
+    kernel = _kernel_of(mod)
+    grids = []
+    monkeypatch.setattr(kernel, "run", lambda *a, grid, **k: grids.append(grid))
+    meta = {"BN": 16, "BK": 32, "BO": 16, "BI": 16}
+    if op == "jl_project":
+        mod.jl_project_triton(torch.zeros(1, 1), 2_200_000, 3, 0)
+        want = -(-2_200_000 // 32)
+    elif op == "kron_project":
+        mod.kron_project_triton(torch.zeros(2, 1, 1), torch.zeros(2, 1, 1), torch.zeros(1, 1_100_000),
+                                torch.zeros(1, 17))
+        want = 2 * 2 * -(-1_100_000 // 16)
+    else:
+        mod.ekfac_lambda_triton(torch.zeros(1, 1, 1_100_000), torch.zeros(1, 1, 17))
+        want = 2 * -(-1_100_000 // 16)
+    (grid,) = grids
+    assert grid(meta) == (want,)
+
+
 # --------------------------------------------------------------------------- jl_project key
 def _inv_fmix32(h):
     """Inverse of murmur3's fmix32 (so a seed whose key is any value can be built)."""
