@@ -40,9 +40,8 @@ def _fmix32(h):
 
 
 @triton.jit
-def phi_tile(rk, ri, keyu, KIND: tl.constexpr):
-    """Unscaled ``Φ[rk, ri]`` as fp32 ``[BK, BP]`` (rk, ri: row and column indices)."""
-    row = _fmix32(rk.to(tl.uint32) * tl.full((), 0x9E3779B1, tl.uint32) + keyu)
+def phi_tile(row, ri, KIND: tl.constexpr):
+    """Unscaled ``Φ[rows, ri]`` as fp32 ``[BK, BP]`` (row: the rows' keys, ri: column indices)."""
     h = _fmix32((ri.to(tl.uint32) * tl.full((), 0x85EBCA77, tl.uint32))[None, :] ^ row[:, None])
     if KIND == 0:
         phi = tl.where((h >> 31) != 0, -1.0, 1.0)
@@ -62,13 +61,13 @@ def _jl_kernel(X, Y, N, p, k, key, scale, K_KEY, P_KEY,
     pid_n, pid_k = tile_ids(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(k, BK), GROUP)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     rk = pid_k * BK + tl.arange(0, BK)
-    keyu = key.to(tl.uint32)
+    row = _fmix32(rk.to(tl.uint32) * tl.full((), 0x9E3779B1, tl.uint32) + key.to(tl.uint32))
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     for i0 in range(0, p, BP):
         ri = (i0 + tl.arange(0, BP)).to(tl.int64)
         xm = (rn[:, None] < N) & (ri[None, :] < p)
         x = tl.load(X + rn[:, None] * p + ri[None, :], mask=xm, other=0.0)
-        phi = tl.where(ri[None, :] < p, phi_tile(rk, ri, keyu, KIND), 0.0)
+        phi = tl.where(ri[None, :] < p, phi_tile(row, ri, KIND), 0.0)
         if KIND == 0 and not UPCAST:
             acc = tl.dot(x, tl.trans(phi.to(x.dtype)), acc, input_precision=PRECISION)
         else:
