@@ -20,6 +20,7 @@ OUT=${OUT:-/tmp/fastinf_gpu_out}
 PY=python3
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 SITE="$WORK/site"                       # the installed package lives here, outside the tree
 REPORT="$OUT/report.md"
 LOGS="$OUT/logs.txt"
@@ -85,11 +86,15 @@ cd "$WORK"                              # nothing of the source tree on sys.path
 
 # ---- preflight: the INSTALLED package, with its CUDA kernels and Triton --------------------
 cat >"$WORK/preflight.py" <<EOF
-import sys, torch, fastinf
+import sys, pytest, torch
+# collect the tests as the test step will, then look at the fastinf that pytest imported
+pytest.main(["--co", "-q", "-p", "no:cacheprovider", "--rootdir", "$ROOT",
+             "$ROOT/tests/test_gpu_end_to_end.py"])
+import fastinf
 print("fastinf from", fastinf.__file__)
 print(fastinf.backends())
-if not fastinf.__file__.startswith("$SITE"):
-    sys.exit("FAIL: fastinf was not imported from the installed package")
+if not fastinf.__file__.startswith("$SITE/"):
+    sys.exit("FAIL: the tests would not use the installed package")
 if torch.cuda.is_available():
     b = fastinf.backends()
     if not (b["cuda"].available and b["triton"].available):
