@@ -15,11 +15,11 @@ import triton.language as tl
 
 from ._common import configs, device_guard, grid_1d, input_precision, upcast_dot
 
+# ptxas -v (sm_90a, triton 3.6): no spills for these with fp32 or bf16 inputs (<= 140 registers);
+# 64x64 output tiles spilled 28-32 B with fp32 inputs (BD 32 or 64, 4 or 8 warps): left out.
 _CONFIGS = configs(triton.Config({"BO": 16, "BI": 16, "BT": 16, "BD": 32}, num_warps=4), [
     triton.Config({"BO": 32, "BI": 32, "BT": 32, "BD": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BO": 64, "BI": 64, "BT": 32, "BD": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BO": 16, "BI": 16, "BT": 32, "BD": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BO": 64, "BI": 64, "BT": 64, "BD": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BO": 16, "BI": 16, "BT": 32, "BD": 32}, num_warps=4, num_stages=3),
 ])
 
 
