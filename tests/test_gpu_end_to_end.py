@@ -1,4 +1,9 @@
-"""End to end on a CUDA device: EK-FAC, TracIn and the store give the CPU results (gpu-marked)."""
+"""End to end on a CUDA device: EK-FAC, TracIn and the store give the CPU results (gpu-marked).
+
+TF32 is off in these tests (cuDNN convolutions and matmuls; restored afterwards): with it the
+CPU/GPU comparison sits at the edge of its 1e-3 tolerance. The library itself leaves the flags
+to the user.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +12,25 @@ from torch import nn
 import fastinf
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[:2]
+    torch.set_float32_matmul_precision(flags[2])
+
+
+def test_cuda_and_triton_backends_available():
+    """On a GPU machine the compiled CUDA kernels and Triton must be there: fail, never skip."""
+    b = fastinf.backends()
+    assert b["cuda"].available, f"fastinf's CUDA kernels are missing: {b['cuda']} ({fastinf.__file__})"
+    assert b["triton"].available, f"triton is not usable: {b['triton']}"
 
 
 def _setup(dtype=torch.float32):

@@ -12,7 +12,7 @@ Tiling
 ------
 * a **row tile** of ``BLOCK_R`` token rows holds ``BN = BLOCK_R // BT`` examples × ``BT`` tokens
   (row ``r`` is example ``n0 + r // BT``, token ``t0 + r % BT``; ``BT`` from
-  :func:`fastinf.triton.score_factored.token_block`, 1 for T = 1, up to BLOCK_R for long
+  :func:`fastinf.triton._common.token_block`, 1 for T = 1, up to BLOCK_R for long
   sequences), so a tile never straddles examples incorrectly;
 * a **column tile** is one query ``q`` × ``BLOCK_E`` output features ``e``.
 
@@ -30,21 +30,20 @@ fp32 inputs follow torch's float32 matmul precision (exact fp32 dots unless TF32
 block sizes are autotuned on GPU (key: din, dout, T bucket, dtype; ``FASTINF_TRITON_AUTOTUNE=0``
 takes the first config) and fixed and small under the interpreter (``TRITON_INTERPRET=1``).
 Strides, int64/int32 offsets and the zero-padding of din/dout to multiples of 16 on CUDA are as
-in :mod:`fastinf.triton.score_factored`.
+in :mod:`fastinf.triton.score_factored`; the row offset ``e * sMe`` of M[q] is int64 (``dout·din``
+of one M[q] can pass 2³¹).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .score_factored import (INTERPRET, _mask_arg, _nullcontext, _tile_ids, align_features,
-                             input_precision, int32_safe, pow2_bucket, static_sizes, token_block,
-                             tune_list, upcast_dot)
+from ._common import (align_features, configs, device_guard, grid_1d, input_precision,
+                      int32_safe, mask_arg, offsets64, pow2_bucket, static_sizes, tile_ids,
+                      token_block, upcast_dot)
 
 
 def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_R": 32, "BLOCK_E": 32, "BLOCK_K": 32}, num_warps=4)]
-    return tune_list([
+    return configs(triton.Config({"BLOCK_R": 32, "BLOCK_E": 32, "BLOCK_K": 32}, num_warps=4), [
         triton.Config({"BLOCK_R": 64, "BLOCK_E": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_E": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_E": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -69,7 +68,7 @@ def _score_dense_kernel(
 ):
     BN: tl.constexpr = BLOCK_R // BT
     num_r = tl.cdiv(N, BN)
-    pid_r, q = _tile_ids(tl.program_id(0), num_r, Q, GROUP)
+    pid_r, q = tile_ids(tl.program_id(0), num_r, Q, GROUP)
     q64 = q.to(tl.int64)
 
     rr = tl.arange(0, BLOCK_R)
@@ -79,7 +78,6 @@ def _score_dense_kernel(
     n_ok = n < N
     n64 = n.to(tl.int64)
     m_q = M + q64 * sMq
-
 
     # Out-of-range rows are clamped to a valid example/token so that the loads need only the
     # K / dout masks; they (and masked tokens, even NaN ones) are dropped by the where below.
@@ -99,7 +97,7 @@ def _score_dense_kernel(
         for e0 in range(0, DOUT_C if DOUT_C > 0 else dout, BLOCK_E):
             e = e0 + ee
             e_ok = e < dout
-            m_col = m_q + tl.minimum(e, dout - 1) * sMe      # [BLOCK_E] rows of M[q]
+            m_col = m_q + offsets64(tl.minimum(e, dout - 1), sMe)   # [BLOCK_E] rows of M[q]
             y = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
             for k0 in range(0, DIN_C if DIN_C > 0 else din, BLOCK_K):
                 k = k0 + kk
@@ -125,7 +123,7 @@ def score_dense_triton(A, G, M, a_mask=None, align=None) -> torch.Tensor:
     A ``[N, T, din]``, G ``[N, T, dout]``, M ``[Q, dout, din]`` (one float dtype, one device,
     any strides), a_mask ``[N, T]`` bool or None. Returns float32 ``[N, Q]``. ``align``
     (default: on CUDA) zero-pads din/dout to a multiple of 16 first (see
-    :func:`fastinf.triton.score_factored.align_features`).
+    :func:`fastinf.triton._common.align_features`).
     """
     N, T, din = A.shape
     Q, dout, _ = M.shape
@@ -138,12 +136,12 @@ def score_dense_triton(A, G, M, a_mask=None, align=None) -> torch.Tensor:
         A, G, M = align_features([A, G, M], [(-1,), (-1,), (-1, -2)])
         din, dout = A.shape[-1], G.shape[-1]
     A, G, M = (int32_safe(x) for x in (A, G, M))
-    am, sAMn, sAMt, has_am = _mask_arg(a_mask, out)
+    am, sAMn, sAMt, has_am = mask_arg(a_mask, out)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_R"] // meta["BT"]) * Q,)
+        return grid_1d("score_dense", triton.cdiv(N, meta["BLOCK_R"] // meta["BT"]) * Q)
 
-    with torch.cuda.device(A.device) if A.is_cuda else _nullcontext():
+    with device_guard(A):
         _score_dense_kernel[grid](
             A, G, M, am, out,
             N, T, Q, din, dout,

@@ -15,7 +15,7 @@ never straddles examples:
 
 * a **row tile** of ``BLOCK_R`` rows holds ``BN = BLOCK_R // BT`` examples × ``BT`` tokens
   (row ``r`` is example ``n0 + r // BT``, token ``t0 + r % BT``); ``BT`` is a power of two
-  chosen per call from T (:func:`token_block`) to keep token padding small: ``BT = 1`` for
+  chosen per call from T (:func:`~fastinf.triton._common.token_block`) to keep token padding small: ``BT = 1`` for
   MLP layers (T = 1, the row tile is ``BLOCK_R`` examples: two GEMMs + a Hadamard product),
   ``BT = BLOCK_R`` for long sequences (one example per tile, looping over its tokens);
 * a **column tile** of ``BLOCK_C`` columns likewise holds ``BQ = BLOCK_C // BS`` queries ×
@@ -33,12 +33,12 @@ NaN/Inf in masked tokens never leak), and segment-sums it into the accumulator:
 Out-of-range rows/columns are clamped to valid ones, so operand loads carry only the K mask.
 
 Memory layout: any strides are accepted (example/query offsets in int64, token/feature offsets
-in int32, see :func:`int32_safe`). On CUDA, din/dout are zero-padded to multiples of 16 when they
+in int32, see :func:`~fastinf.triton._common.int32_safe`). On CUDA, din/dout are zero-padded to multiples of 16 when they
 are not (an odd din from a bias column is the common case) or when a tensor is not aligned
-(:func:`align_features`): triton only vectorises the loads (and pipelines them with cp.async)
+(:func:`~fastinf.triton._common.align_features`): triton only vectorises the loads (and pipelines them with cp.async)
 when it can prove 16-divisible strides and K bounds.
 
-Under the interpreter bf16 dot inputs are upcast to fp32 (:func:`upcast_dot`); on GPU they are
+Under the interpreter bf16 dot inputs are upcast to fp32 (:func:`~fastinf.triton._common.upcast_dot`); on GPU they are
 not. fp32 inputs follow torch's matmul precision: ``torch.get_float32_matmul_precision() ==
 "highest"`` (torch's default) uses exact fp32 dots (``input_precision="ieee"``), "high"/"medium"
 allow TF32, as torch.matmul does.
@@ -47,81 +47,12 @@ On GPU the block sizes are autotuned (key: din, dout and power-of-two buckets of
 the dtype); ``FASTINF_TRITON_AUTOTUNE=0`` skips tuning and uses the first config. Under the
 interpreter (``TRITON_INTERPRET=1``, CPU tensors) a single small config is used.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-AUTOTUNE = os.environ.get("FASTINF_TRITON_AUTOTUNE", "1") not in ("", "0")
-
-
-
-def static_sizes(*sizes):
-    """Constexpr copies of the loop bounds under the interpreter; zeros (= runtime ints) on GPU.
-
-    Triton 3.6's interpreter wraps runtime ints as 1-element 1-D numpy arrays and
-    ``range(0, T, ...)`` then fails with numpy >= 2.4 ("only 0-dimensional arrays can be converted
-    to Python scalars"); constexpr bounds are plain ints. On GPU the kernel keeps runtime bounds
-    (one compile for all sizes). The bound is written inline,
-    ``range(0, X_C if X_C > 0 else X, ...)``, and resolved at compile time; it must not be assigned
-    to a variable first: the interpreter turns every assignment into a 1-D tensor again.
-    """
-    return tuple(int(x) if INTERPRET else 0 for x in sizes)
-
-
-# --------------------------------------------------------------------------- shared helpers
-def token_block(T: int, block_rows: int) -> int:
-    """Tokens per example in a row tile of ``block_rows`` rows (a power of two ≤ block_rows).
-
-    Picks the largest power of two whose padded token count ``ceil(T/BT)·BT`` is within 1/8
-    of the smallest achievable one, trading a little padding for fewer, longer token blocks.
-    """
-    T = max(int(T), 1)
-    cands = []
-    bt = 1
-    while bt <= block_rows:
-        cands.append(bt)
-        bt *= 2
-    padded = {b: -(-T // b) * b for b in cands}
-    best = min(padded.values())
-    return max(b for b in cands if padded[b] * 8 <= best * 9)
-
-
-def pow2_bucket(x: int) -> int:
-    """Autotune key bucket: the next power of two (so close sequence lengths share a tuning)."""
-    return triton.next_power_of_2(max(int(x), 1))
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for ``dtype`` following torch's float32 matmul precision."""
-    if dtype != torch.float32:
-        return "ieee"  # unused for half types (native fp16/bf16 tensor-core dots)
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """Whether to upcast dot inputs to fp32 in the kernel: only for bfloat16 under the Triton
-    interpreter, whose bf16 ``tl.dot`` returns garbage (seen with triton 3.6 and 3.8 on CPU)."""
-    return INTERPRET and dtype == torch.bfloat16
-
-
-@triton.jit
-def _tile_ids(pid, num_r, num_c, GROUP: tl.constexpr):
-    """Grouped ("swizzled") program order: ``GROUP`` row tiles share each column tile in L2."""
-    per_group = GROUP * num_c
-    group = pid // per_group
-    first_r = group * GROUP
-    size = tl.minimum(num_r - first_r, GROUP)
-    pid_r = first_r + (pid % per_group) % size
-    pid_c = (pid % per_group) // size
-    return pid_r, pid_c
-
-
-def tune_list(configs):
-    """The autotune candidates, or just the first (the default) with FASTINF_TRITON_AUTOTUNE=0."""
-    return configs if AUTOTUNE else configs[:1]
+from ._common import (align_features, configs, device_guard, grid_1d, input_precision,
+                      int32_safe, mask_arg, pow2_bucket, static_sizes, tile_ids, token_block, upcast_dot)
 
 
 # --------------------------------------------------------------------------- kernel
@@ -129,9 +60,7 @@ def _configs():
     # Two fp32 accumulator tiles are live at once (Ka while Kg accumulates), so tiles stay at
     # 64x64..128x64; ptxas (sm_90, triton 3.6) reported spills for 128x128 and BLOCK_K=128.
     # The first (untuned default) had the fewest registers: 128-180, no spills, any dtype.
-    if INTERPRET:
-        return [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=4)]
-    return tune_list([
+    return configs(triton.Config({"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_K": 32}, num_warps=4), [
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_C": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -162,7 +91,7 @@ def _score_factored_kernel(
     BQ: tl.constexpr = BLOCK_C // BS
     num_r = tl.cdiv(N, BN)
     num_c = tl.cdiv(Q, BQ)
-    pid_r, pid_c = _tile_ids(tl.program_id(0), num_r, num_c, GROUP)
+    pid_r, pid_c = tile_ids(tl.program_id(0), num_r, num_c, GROUP)
 
     rr = tl.arange(0, BLOCK_R)
     cc = tl.arange(0, BLOCK_C)
@@ -230,64 +159,13 @@ def _score_factored_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
-def int32_safe(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself, or a contiguous copy when it is a strided view spanning >= 2**31 elements.
-
-    The kernels index examples/queries in int64 but tokens/features in int32 (``t * stride``,
-    ``k * stride``), which cannot overflow for contiguous tensors; odd views could.
-    """
-    span = sum((d - 1) * st for d, st in zip(x.shape, x.stride()) if d > 0)
-    return x if span < 2**31 or x.is_contiguous() else x.contiguous()
-
-
-ALIGN = 16  # elements: triton specialises int arguments divisible by 16 (and 16-byte pointers)
-
-
-def _is_aligned(x: torch.Tensor) -> bool:
-    """Unit last stride, 16-byte aligned base, outer strides multiples of ALIGN elements."""
-    return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(st % ALIGN == 0 for d, st in zip(x.shape[:-1], x.stride()[:-1]) if d > 1))
-
-
-def align_features(xs, dims):
-    """Zero-pads the given feature dims of tensors sharing them to a multiple of ALIGN elements.
-
-    ``xs``: tensors; ``dims``: for each, the axes to pad (negative). Returns the tensors and the
-    padded tensors (the kernels then loop over the padded width: the zeros add nothing, and
-    K bounds divisible by 16 keep the ``k < din`` masks from splitting vector loads).
-    Copies only when some size is not a multiple or some tensor is not aligned; on GPU an odd
-    ``din`` (bias column: in_features + 1) otherwise turns every operand load into scalar loads.
-    """
-    mult = ALIGN
-    if all(x.shape[a] % mult == 0 for x, axes in zip(xs, dims) for a in axes) \
-            and all(_is_aligned(x) for x in xs):
-        return list(xs)
-    out = []
-    for x, axes in zip(xs, dims):
-        shape = list(x.shape)
-        for a in axes:
-            shape[a] = -(-shape[a] // mult) * mult
-        y = x.new_zeros(shape)
-        y[tuple(slice(0, n) for n in x.shape)] = x
-        out.append(y)
-    return out
-
-
-def _mask_arg(m, like):
-    """A mask as uint8 (the kernel compares != 0) with its strides, or a dummy pointer."""
-    if m is None:
-        return like, 0, 0, False
-    m = m.view(torch.uint8) if m.dtype == torch.bool else m.to(torch.uint8)
-    return m, m.stride(0), m.stride(1), True
-
-
 def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None, align=None) -> torch.Tensor:
     """``S[n,q] = Σ_{t,s} (A[n,t]·V[q,s]) (G[n,t]·U[q,s])`` by the fused Triton kernel.
 
     A ``[N, T, din]``, G ``[N, T, dout]``, V ``[Q, S, din]``, U ``[Q, S, dout]`` (one float
     dtype, one device, any strides), a_mask ``[N, T]`` / v_mask ``[Q, S]`` bool or None.
     Returns float32 ``[N, Q]``. ``align`` (default: on CUDA) pads din/dout with zeros to a
-    multiple of 16 first (:func:`align_features`).
+    multiple of 16 first (:func:`~fastinf.triton._common.align_features`).
     """
     N, T, din = A.shape
     Q, S, dout = U.shape
@@ -301,15 +179,15 @@ def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None, align=None) -> t
         G, U = align_features([G, U], [(-1,), (-1,)])
         din, dout = A.shape[-1], G.shape[-1]
     A, G, V, U = (int32_safe(x) for x in (A, G, V, U))
-    am, sAMn, sAMt, has_am = _mask_arg(a_mask, out)
-    vm, sVMq, sVMs, has_vm = _mask_arg(v_mask, out)
+    am, sAMn, sAMt, has_am = mask_arg(a_mask, out)
+    vm, sVMq, sVMs, has_vm = mask_arg(v_mask, out)
 
     def grid(meta):
         bn = meta["BLOCK_R"] // meta["BT"]
         bq = meta["BLOCK_C"] // meta["BS"]
-        return (triton.cdiv(N, bn) * triton.cdiv(Q, bq),)
+        return grid_1d("score_factored", triton.cdiv(N, bn) * triton.cdiv(Q, bq))
 
-    with torch.cuda.device(A.device) if A.is_cuda else _nullcontext():
+    with device_guard(A):
         _score_factored_kernel[grid](
             A, G, V, U, am, vm, out,
             N, T, Q, S, din, dout,
@@ -320,11 +198,3 @@ def score_factored_triton(A, G, V, U, a_mask=None, v_mask=None, align=None) -> t
             UPCAST=upcast_dot(A.dtype),
         )
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
