@@ -3,7 +3,9 @@
 Compiles every csrc/cuda/*.cu for one architecture with the CMakeLists flags (-O3 -lineinfo,
 C++17) and parses ptxas' per-kernel lines into a CSV with columns
 kernel,config,registers,spill_stores,spill_loads,smem (spills and smem in bytes).
-`config` is the element type (float / __half / __nv_bfloat16) and, for the score engine, the mode.
+`config` is the element type (float, __half, __nv_bfloat16) and, for the score engine, /mode.
+Baseline of another commit: extract its csrc/ next to a copy of this script and run that copy
+(the script compiles the csrc/ two levels above itself).
 Exits non-zero when any kernel spills, so it can gate a change.
 Usage: python bench/ops/ptxas_report.py [--arch sm_90] [--out bench/results/ptxas_sm90.csv]
 """
@@ -38,7 +40,7 @@ def split_name(pretty):
     targs = targs.replace(" ", "").replace("(fastinf::cuda::gram::Mode)", "")
     if name == "gram_tiles":
         e, mode = targs.rsplit(",", 1)
-        targs = f"{e},{'factored' if mode in ('0', 'factored') else 'dense'}"
+        targs = f"{e}/{'factored' if mode in ('0', 'factored') else 'dense'}"
     return name, targs
 
 

@@ -26,16 +26,19 @@
 //   1. main loop: the BM x BN Gram tile(s) by a K-loop over din (and dout), tiles of the operands
 //      staged in shared memory with zero padding: rows past the block's range or past N*T,
 //      columns past Q*SEG, k past din/dout and MASKED tokens are loaded as 0 (a select, never a
-//      multiplication, so NaN/Inf in masked tokens cannot leak in). fp32 inputs use a SIMT
-//      4x4-per-thread register tile; f16/bf16 inputs use tensor cores (WMMA 16x16x16, fp32
-//      accumulators). The product tile P (BM x BN, fp32) is written to shared memory.
+//      multiplication, so NaN/Inf in masked tokens cannot leak in). Staging is row-major with
+//      cp.async 16-byte copies into two stages (the copy of the next K step overlaps the math of
+//      this one; see Stage). fp32 inputs use a SIMT 4x4-per-thread register tile; f16/bf16
+//      inputs use tensor cores (WMMA 16x16x16, fp32 accumulators). The product tile P (BM x BN,
+//      fp32) is written to shared memory, reusing the staging buffers.
 //   2. stage 1: R[i, c] = sum of P[r, c] over the rows r of example i in this chunk
 //      (score_dense multiplies by G[r, o(c)] here, skipping masked/out-of-range rows).
-//   3. stage 2: each thread owns up to 16 outputs (i, j) of the block's NB x QB tile in
-//      registers and adds the sum of R[i, c] over the columns c of query j in this chunk.
-// After all chunks the outputs are written once (plain stores, no atomics: deterministic, and
-// `out` needs no zeroing). Tiles of (examples x queries) are visited by a 2-D grid-stride loop,
-// so any N and Q work (grid.x up to 2^31-1, grid.y <= 65535).
+//   3. stage 2: each thread owns up to 16 outputs (i, j) of the block's NB x QB tile and adds
+//      the sum of R[i, c] over the columns c of query j in this chunk: the first chunk stores
+//      the output, later chunks (T > BM or SEG > BN) add to the thread's own store.
+// Plain stores, no atomics: deterministic, and `out` needs no zeroing. Tiles of (examples x
+// queries) are visited by a 2-D grid-stride loop, so any N and Q work (grid.x up to 2^31-1,
+// grid.y <= 65535).
 //
 // The [N, T, Q, S] / [N, T, Q, dout] intermediates never exist beyond one BM x BN tile.
 #pragma once
@@ -94,7 +97,8 @@ std::string dispatch_dtype(int dtype, F&& f) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+  const size_t g = __cvta_generic_to_global(gmem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(g) : "memory");
 #else
   *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
 #endif

@@ -7,7 +7,7 @@ chunks (T or S/dout > 64) are stored by the first chunk and added to by the next
 ekfac_lambda walks token rows in steps of 16 with 64 x 64 output tiles, folding at each example's
 last row, and splits the examples over several blocks per tile (partial sums added in a fixed order)
 when the tiles are fewer than 2 per SM and there are >= 512 token rows; kron_project projects 16 tokens at a time onto 64-column tiles of P_in / P_out in K steps
-of 16. The cases below hit: one and many K steps (odd and even counts: both stages of the double
+of 16, with 16 // T whole examples per block when T < 16. The cases below hit: one and many K steps (odd and even counts: both stages of the double
 buffer), chunk-aligned and unaligned K, operands whose base is not 16-byte aligned, several row and
 column chunks, examples straddling 16-row steps, T = 1, ragged output tiles, NaN under masks.
 """
@@ -156,7 +156,8 @@ def test_ekfac_lambda_half_kernels(dtype):
 KRON = [
     (3, 37, 50, 23, 70, 130),   # 2 x 3 Y tiles (ragged), 3 token steps, K not multiple of 16
     (2, 16, 64, 128, 64, 64),   # exactly one tile and one token step
-    (4, 1, 7, 300, 5, 3),       # T = 1, tiny k, 19 K steps over dout
+    (4, 1, 7, 300, 5, 3),       # T = 1: 16 examples per block (4 here), 19 K steps over dout
+    (11, 3, 20, 9, 66, 7),      # T = 3: 5 examples per block, last block holds 1
 ]
 
 
