@@ -115,6 +115,15 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
+// acc[a][b] += g[a] * v[b]: one float4 x float4 outer product into a thread's 4 x 4 tile.
+__device__ __forceinline__ void fma_outer4(float (&acc)[4][4], const float4 g, const float4 v) {
+  const float gs[4] = {g.x, g.y, g.z, g.w};
+  const float vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(gs[a], vs[b], acc[a][b]);
+}
 __device__ __forceinline__ bool aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }

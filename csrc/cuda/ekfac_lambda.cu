@@ -99,14 +99,8 @@ __global__ void __launch_bounds__(THREADS) ekfac_lambda_tiles(
     const int64_t r0 = r_begin + s * BT;
 #pragma unroll
     for (int t = 0; t < BT; ++t) {
-      const float4 g4 = *reinterpret_cast<const float4*>(Gs + t * TILE + 4 * ty);
-      const float4 a4 = *reinterpret_cast<const float4*>(As + t * TILE + 4 * tx);
-      const float g[4] = {g4.x, g4.y, g4.z, g4.w};
-      const float av[4] = {a4.x, a4.y, a4.z, a4.w};
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) d[a][b] = fmaf(g[a], av[b], d[a][b]);
+      fma_outer4(d, *reinterpret_cast<const float4*>(Gs + t * TILE + 4 * ty),
+                 *reinterpret_cast<const float4*>(As + t * TILE + 4 * tx));
       if (r0 + t == next_end) {  // uniform over the block
 #pragma unroll
         for (int a = 0; a < 4; ++a)

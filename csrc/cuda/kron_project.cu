@@ -119,14 +119,8 @@ __global__ void __launch_bounds__(THREADS) kron_project_tiles(
       const int te = left < BT ? static_cast<int>(left) : BT;
 #pragma unroll 4
       for (; t < te; ++t) {
-        const float4 g4 = *reinterpret_cast<const float4*>(&Pg[t][4 * ty]);
-        const float4 a4 = *reinterpret_cast<const float4*>(&Pa[t][4 * tx]);
-        const float g[4] = {g4.x, g4.y, g4.z, g4.w};
-        const float av[4] = {a4.x, a4.y, a4.z, a4.w};
-#pragma unroll
-        for (int a = 0; a < 4; ++a)
-#pragma unroll
-          for (int b = 0; b < 4; ++b) y[a][b] = fmaf(g[a], av[b], y[a][b]);
+        fma_outer4(y, *reinterpret_cast<const float4*>(&Pg[t][4 * ty]),
+                   *reinterpret_cast<const float4*>(&Pa[t][4 * tx]));
       }
       if (te == left) {  // example n complete (uniform over the block): store, clear
         if (n < n_end) {
