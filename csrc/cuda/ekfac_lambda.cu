@@ -2,7 +2,7 @@
 //   out[o,i] = sum_n (sum_t Gt[n,t,o] * At[n,t,i])^2
 // One thread per output element (o, i); threads of a block share the column tile so loads of
 // At rows coalesce. fp32 accumulation; deterministic (fixed summation order).
-#include "common.cuh"
+#include "score_engine.cuh"
 
 namespace fastinf {
 namespace cuda {

@@ -2,7 +2,7 @@
 // One block per (example, 16 x 16 tile of Y[n]); 256 threads. Per token the block projects g_t
 // onto its 16 columns of P_out and a_t onto its 16 columns of P_in (16 threads share each dot
 // product, reduced through shared memory), then every thread adds one product to its output.
-#include "common.cuh"
+#include "score_engine.cuh"
 
 namespace fastinf {
 namespace cuda {
