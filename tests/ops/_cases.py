@@ -8,6 +8,7 @@ import fastinf
 BACKENDS = [
     pytest.param("torch", "cpu", id="torch"),
     pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param("cpp", "cpu", id="cpp"),
     pytest.param("triton", "cpu", id="triton-interp"),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
     pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
@@ -60,3 +61,24 @@ def assert_close(out, ref, tol, what=""):
     scale = ref.abs().max().item() if ref.numel() else 0.0
     err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
     assert err <= tol * max(scale, 1e-30) + 1e-30, f"{what}: max err {err:.3e}, scale {scale:.3e}, tol {tol}"
+
+
+def masks_with_holes(N, T, Q, S, kind):
+    if kind is None:
+        return None, None
+    am = torch.rand(N, T) > 0.4
+    vm = torch.rand(Q, S) > 0.4
+    if kind == "holes" and N:
+        am[0] = False              # an all-masked example
+        if Q:
+            vm[-1] = False         # an all-masked query
+    return am, vm
+
+
+def poison(x, m):
+    """NaN in the masked tokens: they must not leak into the scores."""
+    if m is None:
+        return x
+    x = x.clone()
+    x[~m] = float("nan")
+    return x

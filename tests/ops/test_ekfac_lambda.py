@@ -13,7 +13,7 @@ SHAPES = [  # N, T, din, dout
     (2, 2, 130, 3),
 ]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-CPU_BACKENDS = ["torch", "cpu", "triton"]
+CPU_BACKENDS = ["torch", "cpu", "cpp", "triton"]
 
 
 def _orth(d, dtype=torch.float64):

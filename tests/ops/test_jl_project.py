@@ -8,7 +8,7 @@ from fastinf._native import available
 from fastinf.ops import jl_project, jl_project_reference
 from fastinf.ops.jl_project import block_cols, phi_block, seed_key
 
-BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if available(b)]
+BACKENDS = ["torch"] + [b for b in ("cpu", "cpp", "triton") if available(b)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SHAPES = [(0, 7, 5), (1, 1, 1), (3, 37, 5), (5, 100, 33), (2, 515, 64)]
 

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from fastinf.ops import score_dense, score_dense_reference
-from fastinf.ops.score_dense import plan
+from fastinf.ops import plan
 
-from _cases import BACKENDS, DTYPES, assert_close, make, random_mask, skip_unusable
+from _cases import (BACKENDS, DTYPES, assert_close, make, masks_with_holes, poison,
+                    random_mask, skip_unusable)
 
 # (N, T, Q, din, dout)
 SHAPES = [
@@ -100,7 +101,51 @@ def test_chunking_keeps_results(monkeypatch):
 
 def test_plan_follows_flops():
     # T = 1: equal FLOPs; near-ties go to the smaller intermediate (T·Q·dout vs dout·din).
-    assert plan(100, 1, 64, 512, 512, "cpu") == "token"
-    assert plan(100, 1, 300, 256, 256, "cpu") == "materialize"
-    assert plan(10, 1, 1, 256, 256, "cuda") == "token"
-    assert plan(100, 512, 100, 768, 768, "cuda") == "materialize"
+    p = lambda dev, N, T, Q, din, dout: plan("score_dense", dev, N=N, T=T, Q=Q, din=din, dout=dout)
+    assert p("cpu", 100, 1, 64, 512, 512) == "token"
+    assert p("cpu", 100, 1, 300, 256, 256) == "materialize"
+    assert p("cuda", 10, 1, 1, 256, 256) == "token"
+    assert p("cuda", 100, 512, 100, 768, 768) == "materialize"
+
+
+# (N, T, Q, din, dout)
+CPP_SHAPES = [
+    (1, 1, 1, 1, 1),
+    (5, 1, 3, 13, 7),
+    (17, 1, 9, 65, 17),
+    (33, 1, 2, 33, 16),           # columns exactly fill panels within one query
+    (4, 9, 3, 13, 7),
+    (3, 17, 5, 27, 33),
+    (0, 3, 4, 8, 8),
+    (3, 3, 0, 8, 8),
+    (40, 2, 30, 9, 5),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpp"])
+@pytest.mark.parametrize("mask", [None, "random", "holes"])
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_shapes(shape, mask, backend):
+    """The C++ kernel's tiling edges (panels within and across queries), NaN in masked tokens."""
+    skip_unusable(backend, "cpu")
+    N, T, Q, din, dout = shape
+    A, G = torch.randn(N, T, din), torch.randn(N, T, dout)
+    M = torch.randn(Q, dout, din)
+    am, _ = masks_with_holes(N, T, 1, 1, mask)
+    ref = score_dense_reference(A.double(), G.double(), M.double(), am)
+    A, G = poison(A, am), poison(G, am)
+    out = score_dense(A, G, M, a_mask=am, backend=backend, contraction="token")
+    assert_close(out, ref, 1e-4)
+    if mask == "holes" and N and Q:
+        assert (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpp"])
+def test_cpu_kernel_noncontiguous(backend):
+    skip_unusable(backend, "cpu")
+    N, T, Q, din, dout = 5, 4, 3, 14, 9
+    A = torch.randn(N, din, T).transpose(1, 2)
+    G = torch.randn(N, T, 2 * dout)[:, :, 1::2]
+    M = torch.randn(Q, din, dout).transpose(1, 2)        # [Q, dout, din], strided
+    ref = score_dense_reference(A.double(), G.double(), M.double())
+    assert_close(score_dense(A, G, M, backend=backend, contraction="token"), ref, 1e-4)

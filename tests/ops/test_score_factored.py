@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from fastinf.ops import score_factored, score_factored_reference
-from fastinf.ops.score_factored import flops, plan
+from fastinf.ops import flops, plan
 
-from _cases import BACKENDS, DTYPES, assert_close, make, random_mask, skip_unusable
+from _cases import (BACKENDS, DTYPES, assert_close, make, masks_with_holes, poison,
+                    random_mask, skip_unusable)
 
 # (N, T, Q, S, din, dout): adversarial shapes — single tokens, odd sizes, sizes off any tile grid
 SHAPES = [
@@ -115,9 +116,10 @@ def test_chunking_keeps_results(monkeypatch):
 
 def test_plan_follows_flops():
     # MLP layer: factored is cheaper; long sequences with many queries: materialize.
-    assert plan(100, 1, 100, 1, 512, 512) == "factored"
-    assert plan(100, 512, 100, 512, 768, 768) == "materialize"
-    f = flops(100, 512, 100, 512, 768, 768)
+    dims = dict(N=100, Q=100, din=768, dout=768)
+    assert plan("score_factored", "cpu", T=1, S=1, **dims) == "factored"
+    assert plan("score_factored", "cpu", T=512, S=512, **dims) == "materialize"
+    f = flops("score_factored", T=512, S=512, **dims)
     assert f["materialize"] < f["factored"]
 
 
@@ -126,3 +128,70 @@ def test_default_backend_on_cpu_matches_reference():
     assert_close(score_factored(A, G, V, U), _ref(A, G, V, U), 2e-5)
     out64 = score_factored(*(t.double() for t in (A, G, V, U)))
     assert out64.dtype == torch.float64
+
+
+# (N, T, Q, S, din, dout)
+CPP_SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (5, 1, 3, 1, 13, 7),          # MLP, odd sizes
+    (17, 1, 33, 1, 65, 17),       # not multiples of the 6x16 tile
+    (7, 5, 4, 1, 13, 7),          # S = 1 (rank-1 query)
+    (3, 1, 5, 9, 33, 65),         # T = 1
+    (9, 17, 6, 33, 27, 16),       # conv-like
+    (4, 65, 3, 17, 3, 2),
+    (13, 33, 11, 65, 17, 33),
+    (0, 4, 3, 5, 8, 8),           # N = 0
+    (3, 4, 0, 5, 8, 8),           # Q = 0
+    (40, 3, 70, 2, 9, 5),         # many blocks / tasks
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpp"])
+@pytest.mark.parametrize("mask", [None, "random", "holes"])
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_shapes(shape, mask, backend):
+    """The C++ kernel's tiling edges (6x16 micro-tiles, blocks, tasks), with NaN in masked tokens."""
+    skip_unusable(backend, "cpu")
+    N, T, Q, S, din, dout = shape
+    A, G = torch.randn(N, T, din), torch.randn(N, T, dout)
+    V, U = torch.randn(Q, S, din), torch.randn(Q, S, dout)
+    am, vm = masks_with_holes(N, T, Q, S, mask)
+    ref = score_factored_reference(A.double(), G.double(), V.double(), U.double(), am, vm)
+    A, G, V, U = poison(A, am), poison(G, am), poison(V, vm), poison(U, vm)
+    out = score_factored(A, G, V, U, a_mask=am, v_mask=vm, backend=backend, contraction="factored")
+    assert_close(out, ref, 1e-4)
+    if mask == "holes" and N and Q:
+        assert (out[0] == 0).all() and (out[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpp"])
+def test_cpu_kernel_noncontiguous(backend):
+    skip_unusable(backend, "cpu")
+    N, T, Q, S, din, dout = 6, 7, 5, 3, 19, 11
+    A = torch.randn(N, din, T).transpose(1, 2)           # [N, T, din], strided
+    G = torch.randn(T, N, dout).transpose(0, 1)          # [N, T, dout]
+    V = torch.randn(Q, S, 2 * din)[:, :, ::2]            # [Q, S, din], step 2
+    U = torch.randn(Q, 2 * S, dout)[:, 1::2]             # [Q, S, dout]
+    am = (torch.rand(T, N) > 0.3).T                      # non-contiguous mask
+    ref = score_factored_reference(A.double(), G.double(), V.double(), U.double(), am, None)
+    assert_close(score_factored(A, G, V, U, a_mask=am, backend=backend, contraction="factored"),
+                 ref, 1e-4)
+
+
+def test_cpp_kernel_deterministic():
+    skip_unusable("cpp", "cpu")
+    A, G = torch.randn(30, 9, 21), torch.randn(30, 9, 10)
+    V, U = torch.randn(20, 7, 21), torch.randn(20, 7, 10)
+    a = score_factored(A, G, V, U, backend="cpp", contraction="factored")
+    b = score_factored(A, G, V, U, backend="cpp", contraction="factored")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpp"])
+def test_cpu_kernel_half_inputs(backend):
+    skip_unusable(backend, "cpu")
+    A, G = torch.randn(4, 5, 12), torch.randn(4, 5, 6)
+    V, U = torch.randn(3, 2, 12), torch.randn(3, 2, 6)
+    A, G, V, U = (x.bfloat16() for x in (A, G, V, U))
+    ref = score_factored_reference(A.double(), G.double(), V.double(), U.double())
+    assert_close(score_factored(A, G, V, U, backend=backend, contraction="factored"), ref, 1e-4)
