@@ -49,7 +49,6 @@ def kron_project_reference(A, G, P_in, P_out, a_mask=None):
 # --------------------------------------------------------------------------- torch formulations
 def project_torch(A, G, P_in, P_out, a_mask=None):
     N, T, din = A.shape
-    dout = G.shape[2]
     k_in, k_out = P_in.shape[1], P_out.shape[1]
     out = torch.empty(N, k_out, k_in, dtype=torch.float32, device=A.device)
     if N == 0:

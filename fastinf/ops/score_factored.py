@@ -63,7 +63,7 @@ def score_factored_reference(A, G, V, U, a_mask=None, v_mask=None):
 def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
     """Per-example gradients tile by tile, then one GEMM per tile pair. Output float32 [N, Q]."""
     N, T, din = A.shape
-    Q, S, dout = U.shape[0], U.shape[1], U.shape[2]
+    Q, dout = U.shape[0], U.shape[2]
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
     if N == 0 or Q == 0:
         return out

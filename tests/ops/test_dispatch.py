@@ -5,6 +5,8 @@ import sys
 import pytest
 import torch
 
+import fastinf
+
 from fastinf.ops import (BACKENDS, ekfac_lambda, flops, jl_project, kron_project, plan,
                          score_dense, score_factored)
 from fastinf.ops import _common, _dispatch
@@ -98,3 +100,16 @@ def test_finite_check_policy():
     assert not _common.has_nonfinite(off_cpu, None)
     with pytest.raises(ValueError, match="'A' has non-finite"):
         score_dense(torch.full((2, 1, 3), float("inf")), r(2, 1, 2), r(1, 2, 3))
+
+
+def test_cuda_module_surface_and_backend_report():
+    C = fastinf._native.native()
+    if C is None or not C.cuda_built:
+        pytest.skip("fastinf._C was built without the CUDA kernels")
+    assert callable(C.score_factored_cuda) and callable(C.score_dense_cuda)
+    st = fastinf.backends()["cuda"]
+    if torch.cuda.is_available():
+        assert st.available, st.detail
+    else:
+        assert not st.available
+        assert "no GPU visible" in st.detail, st.detail
