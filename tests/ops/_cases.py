@@ -7,8 +7,7 @@ import fastinf
 # (backend, device) pairs; the cuda ones are marked gpu and skip without a GPU.
 BACKENDS = [
     pytest.param("torch", "cpu", id="torch"),
-    pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("cpp", "cpu", id="cpp"),
+    pytest.param("cpp", "cpu", id="cpp"),  # "cpu" = cpp or torch by the CPU rule: test_dispatch.py
     pytest.param("triton", "cpu", id="triton-interp"),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
     pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),

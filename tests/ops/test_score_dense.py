@@ -123,33 +123,31 @@ CPP_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpp"])
 @pytest.mark.parametrize("mask", [None, "random", "holes"])
 @pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cpu_kernel_shapes(shape, mask, backend):
+def test_cpp_kernel_shapes(shape, mask):
     """The C++ kernel's tiling edges (panels within and across queries), NaN in masked tokens."""
-    skip_unusable(backend, "cpu")
+    skip_unusable("cpp", "cpu")
     N, T, Q, din, dout = shape
     A, G = torch.randn(N, T, din), torch.randn(N, T, dout)
     M = torch.randn(Q, dout, din)
     am, _ = masks_with_holes(N, T, 1, 1, mask)
     ref = score_dense_reference(A.double(), G.double(), M.double(), am)
     A, G = poison(A, am), poison(G, am)
-    out = score_dense(A, G, M, a_mask=am, backend=backend, contraction="token")
+    out = score_dense(A, G, M, a_mask=am, backend="cpp", contraction="token")
     assert_close(out, ref, 1e-4)
     if mask == "holes" and N and Q:
         assert (out[0] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpp"])
-def test_cpu_kernel_noncontiguous(backend):
-    skip_unusable(backend, "cpu")
+def test_cpp_kernel_noncontiguous():
+    skip_unusable("cpp", "cpu")
     N, T, Q, din, dout = 5, 4, 3, 14, 9
     A = torch.randn(N, din, T).transpose(1, 2)
     G = torch.randn(N, T, 2 * dout)[:, :, 1::2]
     M = torch.randn(Q, din, dout).transpose(1, 2)        # [Q, dout, din], strided
     ref = score_dense_reference(A.double(), G.double(), M.double())
-    assert_close(score_dense(A, G, M, backend=backend, contraction="token"), ref, 1e-4)
+    assert_close(score_dense(A, G, M, backend="cpp", contraction="token"), ref, 1e-4)
 
 
 # --------------------------------------------------------------------------- triton tile edges

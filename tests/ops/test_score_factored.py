@@ -147,27 +147,25 @@ CPP_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpp"])
 @pytest.mark.parametrize("mask", [None, "random", "holes"])
 @pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cpu_kernel_shapes(shape, mask, backend):
+def test_cpp_kernel_shapes(shape, mask):
     """The C++ kernel's tiling edges (6x16 micro-tiles, blocks, tasks), with NaN in masked tokens."""
-    skip_unusable(backend, "cpu")
+    skip_unusable("cpp", "cpu")
     N, T, Q, S, din, dout = shape
     A, G = torch.randn(N, T, din), torch.randn(N, T, dout)
     V, U = torch.randn(Q, S, din), torch.randn(Q, S, dout)
     am, vm = masks_with_holes(N, T, Q, S, mask)
     ref = score_factored_reference(A.double(), G.double(), V.double(), U.double(), am, vm)
     A, G, V, U = poison(A, am), poison(G, am), poison(V, vm), poison(U, vm)
-    out = score_factored(A, G, V, U, a_mask=am, v_mask=vm, backend=backend, contraction="factored")
+    out = score_factored(A, G, V, U, a_mask=am, v_mask=vm, backend="cpp", contraction="factored")
     assert_close(out, ref, 1e-4)
     if mask == "holes" and N and Q:
         assert (out[0] == 0).all() and (out[:, -1] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpp"])
-def test_cpu_kernel_noncontiguous(backend):
-    skip_unusable(backend, "cpu")
+def test_cpp_kernel_noncontiguous():
+    skip_unusable("cpp", "cpu")
     N, T, Q, S, din, dout = 6, 7, 5, 3, 19, 11
     A = torch.randn(N, din, T).transpose(1, 2)           # [N, T, din], strided
     G = torch.randn(T, N, dout).transpose(0, 1)          # [N, T, dout]
@@ -175,7 +173,7 @@ def test_cpu_kernel_noncontiguous(backend):
     U = torch.randn(Q, 2 * S, dout)[:, 1::2]             # [Q, S, dout]
     am = (torch.rand(T, N) > 0.3).T                      # non-contiguous mask
     ref = score_factored_reference(A.double(), G.double(), V.double(), U.double(), am, None)
-    assert_close(score_factored(A, G, V, U, a_mask=am, backend=backend, contraction="factored"),
+    assert_close(score_factored(A, G, V, U, a_mask=am, backend="cpp", contraction="factored"),
                  ref, 1e-4)
 
 
@@ -188,14 +186,13 @@ def test_cpp_kernel_deterministic():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpp"])
-def test_cpu_kernel_half_inputs(backend):
-    skip_unusable(backend, "cpu")
+def test_cpp_kernel_half_inputs():
+    skip_unusable("cpp", "cpu")
     A, G = torch.randn(4, 5, 12), torch.randn(4, 5, 6)
     V, U = torch.randn(3, 2, 12), torch.randn(3, 2, 6)
     A, G, V, U = (x.bfloat16() for x in (A, G, V, U))
     ref = score_factored_reference(A.double(), G.double(), V.double(), U.double())
-    assert_close(score_factored(A, G, V, U, backend=backend, contraction="factored"), ref, 1e-4)
+    assert_close(score_factored(A, G, V, U, backend="cpp", contraction="factored"), ref, 1e-4)
 
 
 # --------------------------------------------------------------------------- triton tile edges
