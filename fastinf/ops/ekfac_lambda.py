@@ -97,47 +97,41 @@ def materialize_torch(A, G, QA, QS, a_mask=None):
 
 
 # --------------------------------------------------------------------------- fused kernels
-def _cpp(A, G, QA, QS, a_mask):
-    C = c.require_native(OP)
-    N, T, din = A.shape
-    dout = G.shape[2]
-    out = torch.zeros(dout, din, dtype=torch.float32)
-    if N == 0:
-        return out
-    # Rotation by GEMM: masked rows may hold garbage, the kernel skips them via the mask.
-    At = (A.float() @ QA.float()).contiguous()
-    Gt = (G.float() @ QS.float()).contiguous()
-    am = c.contiguous(a_mask)
-    C.ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), c.ptr(am), out.data_ptr(), N, T, din, dout)
+def _rotated(launch):
+    """A fused backend: rotates the tokens by float32 GEMMs, then ``launch(At, Gt, a_mask, out)``
+    sums the squared per-example products (masked rows may hold garbage: the kernels skip them)."""
+    def run(A, G, QA, QS, a_mask):
+        out = torch.zeros(G.shape[2], A.shape[2], dtype=torch.float32, device=A.device)
+        if A.shape[0] == 0:
+            return out
+        At = (A.float() @ QA.float()).contiguous()
+        Gt = (G.float() @ QS.float()).contiguous()
+        return launch(At, Gt, c.contiguous(a_mask), out)
+    return run
+
+
+@_rotated
+def _cpp(At, Gt, am, out):
+    c.require_native(OP).ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), c.ptr(am), out.data_ptr(),
+                                          *At.shape, Gt.shape[2])
     return out
 
 
-def _cuda(A, G, QA, QS, a_mask):
-    C = c.require_native(OP)
-    N, T, din = A.shape
-    dout = G.shape[2]
-    out = torch.zeros(dout, din, dtype=torch.float32, device=A.device)
-    if N == 0:
-        return out
-    At = (A.float() @ QA.float()).contiguous()
-    Gt = (G.float() @ QS.float()).contiguous()
-    am = c.contiguous(a_mask)
-    with torch.cuda.device(A.device):
-        C.ekfac_lambda_cuda(At.data_ptr(), Gt.data_ptr(), c.ptr(am), out.data_ptr(), N, T, din,
-                            dout, c.CUDA_DTYPE_CODES[At.dtype], c.cuda_stream(A.device))
+@_rotated
+def _cuda(At, Gt, am, out):
+    with torch.cuda.device(At.device):
+        c.require_native(OP).ekfac_lambda_cuda(At.data_ptr(), Gt.data_ptr(), c.ptr(am),
+                                               out.data_ptr(), *At.shape, Gt.shape[2],
+                                               c.CUDA_DTYPE_CODES[At.dtype],
+                                               c.cuda_stream(At.device))
     return out
 
 
-def _triton(A, G, QA, QS, a_mask):
+@_rotated
+def _triton(At, Gt, am, out):
     from ..triton.ekfac_lambda import ekfac_lambda_triton  # optional dependency
 
-    N, T, din = A.shape
-    dout = G.shape[2]
-    if N == 0:
-        return torch.zeros(dout, din, dtype=torch.float32, device=A.device)
-    At = (A.float() @ QA.float()).contiguous()
-    Gt = (G.float() @ QS.float()).contiguous()
-    return ekfac_lambda_triton(At, Gt, c.contiguous(a_mask))
+    return ekfac_lambda_triton(At, Gt, am)
 
 
 # implementation names of the dispatch table -> functions
