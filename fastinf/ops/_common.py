@@ -135,11 +135,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
-def float_out(x: torch.Tensor, *shape) -> torch.Tensor:
-    """Result buffer of the reference: float64 for float64 inputs (the oracle), else float32."""
-    return x.new_zeros(shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
 def chunk(total: int, per_item_bytes: float, budget: Optional[int] = None, minimum: int = 1) -> int:
     """How many items of ``per_item_bytes`` fit into the workspace budget (at least ``minimum``)."""
     budget = workspace_bytes() if budget is None else budget
