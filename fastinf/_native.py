@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "torch", "cpu", "cpp", "triton", "cuda")
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,17 +65,20 @@ def backends() -> BackendReport:
     """Which backends are usable here and, for each missing one, why.
 
     Returns a dict ``name -> BackendStatus(name, available, detail)`` for ``reference``, ``torch``,
-    ``cpu``, ``triton`` and ``cuda``; printing it gives a table.
+    ``cpu`` (C++ where measured faster, else torch), ``cpp`` (C++ forced), ``triton`` and
+    ``cuda``; printing it gives a table.
     """
     rep = BackendReport()
     rep["reference"] = BackendStatus("reference", True, "pure torch, float64-capable, any device")
     rep["torch"] = BackendStatus("torch", True, f"best torch formulation, torch {torch.__version__}")
     C, err = _load_C()
     if C is None:
-        rep["cpu"] = BackendStatus("cpu", False, f"compiled module fastinf._C failed to load: {err}")
+        why = f"compiled module fastinf._C failed to load: {err}"
+        rep["cpu"], rep["cpp"] = BackendStatus("cpu", False, why), BackendStatus("cpp", False, why)
     else:
         omp = f"OpenMP, {C.num_threads()} threads" if C.openmp else "no OpenMP (1 thread)"
-        rep["cpu"] = BackendStatus("cpu", True, f"C++ kernels ({omp})")
+        rep["cpu"] = BackendStatus("cpu", True, "C++ kernels where measured faster, else torch")
+        rep["cpp"] = BackendStatus("cpp", True, f"C++ kernels, forced ({omp})")
     gpu = torch.cuda.is_available()
     ok, why = _triton_status()
     if not ok:

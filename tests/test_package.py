@@ -6,7 +6,7 @@ import fastinf
 
 def test_backends_report_says_why():
     rep = fastinf.backends()
-    assert set(rep) == {"reference", "torch", "cpu", "triton", "cuda"}
+    assert set(rep) == {"reference", "torch", "cpu", "cpp", "triton", "cuda"}
     assert rep["reference"].available and rep["torch"].available
     assert rep["cpu"].available, rep["cpu"].detail  # the C++ kernels are always built
     for st in rep.values():

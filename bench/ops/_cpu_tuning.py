@@ -2,9 +2,8 @@
 
 Measures, over a grid of realistic layer shapes, the compiled ``score_factored`` kernel against
 ``factored_torch`` and the compiled ``score_dense`` kernel against ``token_torch``, and prints
-the time ratio C++/torch next to the quantities the dispatch rules in
-``fastinf/ops/score_factored.py`` (``_cpu_factored``) and ``fastinf/ops/score_dense.py``
-(``_cpu_token``) look at. Keep it small: it is meant to run in well under a minute.
+the time ratio C++/torch next to the quantities the CPU rules of the dispatch table
+(``fastinf/ops/_dispatch.py``, ``CPU_RULES``) look at. Keep it small: it is meant to run in well under a minute.
 
     PYTHONPATH=. python bench/ops/_cpu_tuning.py [--only factored|dense] [--threads 1]
 
@@ -18,9 +17,15 @@ import time
 
 import torch
 
-import importlib
-sd = importlib.import_module("fastinf.ops.score_dense")
-sf = importlib.import_module("fastinf.ops.score_factored")
+from fastinf.ops import score_dense, score_factored
+
+
+def _sf(backend):
+    return lambda *x: score_factored(*x, backend=backend, contraction="factored", check_finite=False)
+
+
+def _sd(backend):
+    return lambda *x: score_dense(*x, backend=backend, contraction="token", check_finite=False)
 
 
 def best_times(fa, fb, *args, budget=1.5, reps=9):
@@ -90,7 +95,7 @@ def run_factored():
     for label, N, T, Q, S, din, dout in FACTORED:
         A, G = torch.randn(N, T, din), torch.randn(N, T, dout)
         V, U = torch.randn(Q, S, din), torch.randn(Q, S, dout)
-        a, b = best_times(sf._fused_cpu, sf.factored_torch, A, G, V, U, None, None)
+        a, b = best_times(_sf("cpp"), _sf("torch"), A, G, V, U)
         print(f"{label:8} {N:>4} {T:>5} {Q:>4} {S:>5} {din:>5} {dout:>5} {T * S:>7} "
               f"{din + dout:>8} {a * 1e3:>9.2f} {b * 1e3:>9.2f} {a / b:>6.2f}", flush=True)
 
@@ -102,7 +107,7 @@ def run_dense():
     for label, N, T, Q, din, dout in DENSE:
         A, G = torch.randn(N, T, din), torch.randn(N, T, dout)
         M = torch.randn(Q, dout, din)
-        a, b = best_times(sd._fused_cpu, sd.token_torch, A, G, M, None)
+        a, b = best_times(_sd("cpp"), _sd("torch"), A, G, M)
         print(f"{label:8} {N:>4} {T:>5} {Q:>4} {din:>5} {dout:>5} "
               f"{a * 1e3:>9.2f} {b * 1e3:>9.2f} {a / b:>6.2f}", flush=True)
 

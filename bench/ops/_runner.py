@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import fastinf  # noqa: E402
+from fastinf.ops import flops, plan  # noqa: E402
 from _util import append_rows, device_name, env_device, gemm_tflops, print_table, timeit  # noqa: E402
 
 
@@ -25,19 +26,11 @@ def parse(description: str):
 
 
 def usable_backends(device: str) -> List[str]:
-    rep = fastinf.backends()
-    out = []
-    for name in ("torch", "cpu", "triton", "cuda"):
-        if not rep[name].available:
-            continue
-        if name == "cpu" and device != "cpu":
-            continue
-        if name in ("cuda",) and not device.startswith("cuda"):
-            continue
-        if name == "triton" and not device.startswith("cuda"):
-            continue  # the interpreter is for tests, not timings
-        out.append(name)
-    return out
+    """Backends to time on ``device`` ("cpu" = the CPU rule, "cpp" = the C++ kernel forced);
+    Triton only on a GPU: the interpreter is for tests, not timings."""
+    dev = torch.device(device).type
+    names = ("torch", "cpu", "cpp") if dev == "cpu" else ("torch", "triton", "cuda")
+    return [b for b in names if fastinf.backends()[b].available]
 
 
 def fits(nbytes: float, device: str) -> bool:
@@ -48,11 +41,12 @@ def fits(nbytes: float, device: str) -> bool:
 
 
 def run(op: str, shapes: Sequence, make: Callable, ours: Callable, baselines: Dict[str, tuple],
-        flops: Callable, plan: Callable, contractions: Sequence[str], args) -> List[Dict]:
+        dims: Sequence[str], contractions: Sequence[str], args) -> List[Dict]:
     """Times ``ours(inputs, backend, contraction)`` against ``baselines`` for every shape.
 
     ``baselines``: name -> (fn(inputs), intermediate_bytes(shape)); the best one that fits is
     the ratio reference ``best_torch``; ``materialize`` is the per-example-gradient baseline.
+    ``dims`` names the entries of a shape for the dispatch table's cost model.
     """
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (
@@ -63,8 +57,9 @@ def run(op: str, shapes: Sequence, make: Callable, ours: Callable, baselines: Di
     rows = []
     for shape in shapes:
         inputs = make(shape, dtype, device)
-        f = flops(*shape)
-        chosen = plan(*shape, torch.device(device).type)
+        kw = dict(zip(dims, shape))
+        f = flops(op, **kw)
+        chosen = plan(op, torch.device(device).type, **kw)
         base = {}
         for name, (fn, nbytes) in baselines.items():
             if fits(nbytes(shape), device):

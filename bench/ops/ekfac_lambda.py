@@ -47,9 +47,9 @@ def main():
             if dev == "cpu" else
             [(256, 1, 1025, 1024), (64, 64, 513, 512), (32, 256, 1025, 1024), (64, 512, 289, 128)])
     grid = grid[:2] if a.quick else grid
-    names = [b for b in ("torch", "cpu", "triton", "cuda") if backends()[b].available]
+    names = [b for b in ("torch", "cpu", "cpp", "triton", "cuda") if backends()[b].available]
     if dev == "cpu":
-        names = [b for b in names if b in ("torch", "cpu")]
+        names = [b for b in names if b in ("torch", "cpu", "cpp")]
     else:
         names = [b for b in names if b in ("torch", "triton", "cuda")]
     dname = device_name(dev)

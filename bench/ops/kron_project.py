@@ -28,8 +28,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="first two shapes only (smoke run)")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    backends = ["torch"] + [b for b in (("cpu",) if dev.type == "cpu" else ("cuda", "triton"))
-                            if available(b)]
+    extra = ("cpu", "cpp") if dev.type == "cpu" else ("cuda", "triton")
+    backends = ["torch"] + [b for b in extra if available(b)]
     rows = []
     # N, T, din, dout, k_in, k_out
     grid = [(256, 1, 1025, 1024, 32, 32), (32, 64, 513, 512, 16, 16), (8, 512, 769, 768, 64, 64)]

@@ -16,7 +16,7 @@
 #include <cmath>
 
 #include "common.h"
-#include "jl_hash.h"
+#include "common/jl_hash.h"
 #include "kernels.h"
 
 namespace fastinf {

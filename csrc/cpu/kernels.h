@@ -21,22 +21,10 @@ void score_dense_f32(const float* A, const float* G, const float* M, const uint8
 
 int num_threads();
 
-}  // namespace cpu
-}  // namespace fastinf
-
-// --- ekfac_lambda
-namespace fastinf {
-namespace cpu {
 // out[o,i] = sum_n (sum_t Gt[n,t,o] * At[n,t,i])^2 on rotated factors (At = A Q_A, Gt = G Q_S)
 // At [N,T,din], Gt [N,T,dout], a_mask [N,T], out [dout,din] (overwritten)
 void ekfac_lambda_f32(const float* At, const float* Gt, const uint8_t* a_mask, float* out,
                       int64_t N, int64_t T, int64_t din, int64_t dout);
-}  // namespace cpu
-}  // namespace fastinf
-
-// --- tracin ops
-namespace fastinf {
-namespace cpu {
 
 // Y[n] = sum_t (P_out^T G[n,t]) (P_in^T A[n,t])^T
 // A [N,T,din], G [N,T,dout], P_in [din,k_in], P_out [dout,k_out], a_mask [N,T], out [N,k_out,k_in]
@@ -44,7 +32,7 @@ void kron_project_f32(const float* A, const float* G, const float* P_in, const f
                       const uint8_t* a_mask, float* out, int64_t N, int64_t T, int64_t din,
                       int64_t dout, int64_t k_in, int64_t k_out);
 
-// Y = X Phi^T, Phi [k,p] generated on the fly from (key, row, column) (see cpu/jl_hash.h);
+// Y = X Phi^T, Phi [k,p] generated on the fly from (key, row, column) (see common/jl_hash.h);
 // kind 0 rademacher, 1 normal. X [N,p], out [N,k].
 void jl_project_f32(const float* X, float* out, int64_t N, int64_t p, int64_t k, uint32_t key,
                     int kind);

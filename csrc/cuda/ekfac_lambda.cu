@@ -1,6 +1,6 @@
 // ekfac_lambda on CUDA, on rotated factors At = A Q_A [N,T,din], Gt = G Q_S [N,T,dout]:
 //   out[o,i] = sum_n D_n[o,i]^2,   D_n = sum_t Gt[n,t,:]^T At[n,t,:]   ([dout, din])
-// Tiled like the score engine (common.cuh): a block owns a 64 x 64 tile of out; its 256 threads
+// Tiled like the score engine (score_engine.cuh): a block owns a 64 x 64 tile of out; its 256 threads
 // hold 4 x 4 outputs each, o = o0 + 4*ty + a and i = i0 + 4*tx + b (ty, tx < 16). The block walks
 // the flattened token rows r = (n, t) in steps of BT = 16: the 16 rows' slices Gt[r, o0:o0+64]
 // and At[r, i0:i0+64] are staged in shared memory (contiguous in o / i: coalesced 16-byte cp.async,
@@ -15,7 +15,7 @@
 // blocks per tile (whole examples, >= 256 rows each) writing partial sums to a stream-ordered
 // workspace, summed in split order by a second kernel (deterministic for a given GPU; the split
 // count follows its SM count). Without the workspace (allocation failed) one block per tile.
-#include "common.cuh"
+#include "score_engine.cuh"
 
 namespace fastinf {
 namespace cuda {

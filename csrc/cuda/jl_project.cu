@@ -1,10 +1,10 @@
 // jl_project on CUDA: Y = X Phi^T with Phi tiles generated in shared memory from the counter-based
-// hash of cpu/jl_hash.h (the same definition as the CPU kernel). Each block computes a 32 x 32 tile of
+// hash of common/jl_hash.h (the same definition as the CPU kernel). Each block computes a 32 x 32 tile of
 // Y (32 rows of X x 32 rows of Phi) with 32 x 8 threads (4 outputs each), walking p in steps of 32.
 #include <cmath>
 
-#include "common.cuh"
-#include "cpu/jl_hash.h"
+#include "score_engine.cuh"
+#include "common/jl_hash.h"
 
 namespace fastinf {
 namespace cuda {

@@ -26,22 +26,10 @@ std::string score_dense(const void* A, const void* G, const void* M, const uint8
 int device_count(std::string* error);
 int runtime_version();
 
-}  // namespace cuda
-}  // namespace fastinf
-
-// --- ekfac_lambda
-namespace fastinf {
-namespace cuda {
 // out[o,i] = sum_n (sum_t Gt[n,t,o] * At[n,t,i])^2; shapes as in cpu/kernels.h.
 std::string ekfac_lambda(const void* At, const void* Gt, const uint8_t* a_mask, float* out,
                          int64_t N, int64_t T, int64_t din, int64_t dout, int dtype,
                          uintptr_t stream);
-}  // namespace cuda
-}  // namespace fastinf
-
-// --- tracin ops
-namespace fastinf {
-namespace cuda {
 
 // Y[n] = sum_t (P_out^T G[n,t]) (P_in^T A[n,t])^T; shapes as in cpu/kernels.h. A, G, P_in, P_out
 // share the element type `dtype`; out is float32.

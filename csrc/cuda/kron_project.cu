@@ -1,6 +1,6 @@
 // kron_project on CUDA: Y[n] = sum_t (P_out^T g_t)(P_in^T a_t)^T = Pg_n^T Pa_n, with
 // Pg_n = G[n] P_out [T, k_out] and Pa_n = A[n] P_in [T, k_in].
-// Tiled like the score engine (common.cuh): a block owns a 64 x 64 tile of Y and EPB consecutive
+// Tiled like the score engine (score_engine.cuh): a block owns a 64 x 64 tile of Y and EPB consecutive
 // examples (EPB = 16 / T for T < 16, so that a step holds whole examples, else 1), 256 threads;
 // thread (ty, tx) of a 16 x 16 grid owns Y[n][o0 + 4*ty + a][i0 + 4*tx + b]. The block walks
 // the flattened token rows of its examples in steps of BT = 16. Per step:
@@ -17,7 +17,7 @@
 // (the old kernel recomputed them for every 16 x 16 tile and read P with a stride of k columns).
 // Masked tokens and padding are staged as zeros (a select: masked garbage is never read). fp32
 // accumulation, deterministic; every output is written once.
-#include "common.cuh"
+#include "score_engine.cuh"
 
 namespace fastinf {
 namespace cuda {

@@ -1,6 +1,6 @@
 // score_dense on CUDA: S[n,q] = sum_t G[n,t]^T M[q] A[n,t].
 //
-// Design (details in common.cuh, "token Gram engine"): the "token" contraction as one GEMM with
+// Design (details in score_engine.cuh, "token Gram engine"): the "token" contraction as one GEMM with
 // a fused epilogue. Rows are the tokens (n,t) of A flattened to [N*T, din], columns are the
 // output rows (q,o) of M flattened to [Q*dout, din], so Y = A·M_flatᵀ holds (M_q a_t)[o]. A
 // block owns NB examples x QB queries (NB = max(1, 64 / T), QB = max(1, 64 / dout)) and walks
@@ -10,7 +10,7 @@
 // columns are summed into register accumulators of the block's NB x QB outputs.
 // Masked tokens are staged as zero rows of A and skipped (not multiplied) in the G epilogue, so
 // NaN in them cannot leak. No [N, T, Q, dout] intermediate, no atomics (deterministic).
-#include "common.cuh"
+#include "score_engine.cuh"
 
 namespace fastinf {
 namespace cuda {

@@ -1,6 +1,6 @@
 // score_factored on CUDA: S[n,q] = sum_{t,s} (A[n,t]·V[q,s]) (G[n,t]·U[q,s]).
 //
-// Design (details in common.cuh, "token Gram engine"): the token rows (n,t) of A|G and the
+// Design (details in score_engine.cuh, "token Gram engine"): the token rows (n,t) of A|G and the
 // token columns (q,s) of V|U are flattened; a block owns NB examples x QB queries
 // (NB = max(1, 64 / T), QB = max(1, 64 / S)) and walks its rows/columns in 64 x 64 chunks. For
 // each chunk it computes both Gram tiles A·Vᵀ (K-loop over din) and G·Uᵀ (K-loop over dout)
@@ -9,7 +9,7 @@
 // rows and each query's columns into register accumulators of the block's NB x QB outputs.
 // Masked tokens (a_mask / v_mask == 0) are staged as zero rows, so NaN in them cannot leak.
 // No [N, T, Q, S] intermediate, no atomics (deterministic), one plain store per output.
-#include "common.cuh"
+#include "score_engine.cuh"
 
 namespace fastinf {
 namespace cuda {

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._native import BACKENDS, backends, native, triton_interpret
+from ._dispatch import ORDER
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -85,31 +86,31 @@ def _usable(name: str, device_type: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _usable_cached(name: str, device_type: str) -> bool:
-    st = backends()[name]
-    if not st.available:
+    if not backends()[name].available:
         return False
-    if name == "cpu":
-        return device_type == "cpu"
-    if name == "cuda":
-        return device_type == "cuda"
+    if name in ("cpu", "cpp", "cuda"):
+        return device_type == ("cuda" if name == "cuda" else "cpu")
     if name == "triton":
         return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
     return True
 
 
-def resolve_backend(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype,
-                    preference: Sequence[str]) -> str:
-    """The backend to run: ``backend`` when given (checked), else the first usable of ``preference``."""
+def default_preference(device: torch.device):
+    """Backend order for ``backend=None`` (the dispatch table's ``ORDER``), torch last."""
+    return ORDER.get(device.type, ("torch",))
+
+
+def resolve_backend(op: str, backend: Optional[str], device: torch.device,
+                    dtype: torch.dtype) -> str:
+    """The backend to run: ``backend`` when given (checked), else the first usable of
+    :func:`default_preference`."""
     if dtype == torch.float64:
         if backend not in (None, "reference"):
             raise TypeError(f"{op}: float64 inputs are supported by backend='reference' only, "
                             f"got backend={backend!r}; cast the inputs to float32")
         return "reference"
     if backend is None:
-        for name in preference:
-            if _usable(name, device.type):
-                return name
-        return "torch"
+        return next((b for b in default_preference(device) if _usable(b, device.type)), "torch")
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} "
                          "or None (fastest available)")
@@ -120,13 +121,18 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device, dtype
     return backend
 
 
-def default_preference(device: torch.device):
-    """Backend order for ``backend=None``: fused compiled/Triton kernels first, torch last."""
-    if device.type == "cuda":
-        return ("triton", "cuda", "torch")
-    if device.type == "cpu":
-        return ("cpu", "torch")
-    return ("torch",)
+def check_contraction(op: str, contraction, allowed) -> str:
+    """``contraction`` checked against the op's orders; None becomes ``"auto"`` (the cost model)."""
+    if contraction not in (None,) + tuple(allowed):
+        raise ValueError(f"{op}: unknown contraction {contraction!r}; expected one of "
+                         f"{', '.join(allowed)} or None")
+    return contraction or "auto"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the torch formulations' GEMMs: fp16/bf16 GEMMs on CPU are slow and inexact, so
+    float32 there; the input dtype elsewhere."""
+    return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
 def chunk(total: int, per_item_bytes: float, budget: Optional[int] = None, minimum: int = 1) -> int:
@@ -163,12 +169,17 @@ def require_native(op: str):
     return C
 
 
-def find_nonfinite(op: str, tensors: dict, masks: dict):
-    """Raises ValueError naming the first argument and example index holding NaN/Inf.
+def check_result(op: str, out: torch.Tensor, check_finite: Optional[bool], tensors: dict,
+                 masks: Optional[dict] = None) -> torch.Tensor:
+    """``out``, or ValueError naming the first argument and example index holding NaN/Inf.
 
-    ``tensors`` maps names to [B, T, d] (or [B, ...]) tensors; ``masks`` maps names to the [B, T]
-    mask that applies (masked tokens are ignored). Returns silently if all are finite.
+    Checks when :func:`has_nonfinite` says so. ``tensors`` maps names to [B, T, d] (or [B, ...])
+    inputs; ``masks`` maps names to the [B, T] mask that applies (masked tokens are ignored).
+    Finite inputs with a non-finite result mean float32 overflow, which is reported as such.
     """
+    if not has_nonfinite(out, check_finite):
+        return out
+    masks = masks or {}
     for name, x in tensors.items():
         bad = ~torch.isfinite(x)
         while bad.dim() > 2:
@@ -183,7 +194,8 @@ def find_nonfinite(op: str, tensors: dict, masks: dict):
             count = int(bad.sum())
             raise ValueError(f"{op}: argument '{name}' has non-finite values (NaN or Inf) in "
                              f"{count} example(s), the first at index {idx}")
-
+    raise ValueError(f"{op}: the result overflowed (inputs are finite but intermediate values "
+                     "exceed the float32 range); rescale the inputs")
 
 
 def dispatch(custom_op, run, *args):
@@ -196,9 +208,18 @@ def dispatch(custom_op, run, *args):
     return run(*args)
 
 
-def has_nonfinite(out: torch.Tensor) -> bool:
-    """True when ``out`` holds NaN/Inf: one reduction when all is finite (the common case)."""
-    if out.numel() == 0 or torch.compiler.is_compiling():
+def has_nonfinite(out: torch.Tensor, check_finite: Optional[bool]) -> bool:
+    """True when the op's result should be checked and holds NaN/Inf.
+
+    ``check_finite=None`` (the ops' default) checks on CPU only. On a GPU the check would cost a
+    host synchronisation on every op call; there the capture already checks every loss and
+    gradient once per pass, so non-finite inputs of the passes are caught before they reach the
+    ops. ``True`` checks on every device (one sync per call on a GPU), ``False`` never. One
+    reduction when all is finite (the common case); skipped under ``torch.compile``.
+    """
+    if check_finite is None:
+        check_finite = out.device.type == "cpu"
+    if not check_finite or out.numel() == 0 or torch.compiler.is_compiling():
         return False
     if bool(torch.isfinite(out.sum())):
         return False

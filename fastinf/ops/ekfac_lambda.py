@@ -3,7 +3,7 @@
 ``Λ_sum[o, i] = Σ_n ((G_n Q_S)ᵀ (A_n Q_A))[o, i]²`` — the squared per-example gradients in the
 Kronecker eigenbasis, summed over the N examples (the caller divides by the total example count).
 
-Two contraction orders, chosen per call by a FLOP cost model (:func:`plan`):
+Two contraction orders, chosen per call by the FLOP cost model of :mod:`._dispatch`:
 
 * ``"rotate"``: rotate the tokens first (``Ã = A Q_A``, ``G̃ = G Q_S`` by GEMM), then
   ``Σ_n (Σ_t g̃_t ã_tᵀ)^∘2`` fused in the backend kernels (per-thread output tiles, so no
@@ -21,27 +21,10 @@ from typing import Optional
 import torch
 
 from . import _common as c
-from .score_factored import _compute_dtype
+from . import _dispatch as d
 
 OP = "ekfac_lambda"
 CONTRACTIONS = ("rotate", "materialize")
-# backend=None on CPU: the C++ kernel (rank-T update per example) wins for few tokens per example
-# (3.4x over naive at T=1 vs 1.5x for torch), torch's bmm tiles beyond (bench/ops/ekfac_lambda.py).
-CPU_FUSED_MAX_T = 4
-
-
-def flops(N, T, din, dout) -> dict:
-    """FLOPs of each contraction order."""
-    return {
-        "rotate": 2.0 * N * T * (din * din + dout * dout + dout * din),
-        "materialize": 2.0 * N * dout * din * (T + din + dout),
-    }
-
-
-def plan(N, T, din, dout) -> str:
-    """The cheaper contraction order by FLOPs (ties go to ``"rotate"``)."""
-    f = flops(N, T, din, dout)
-    return "rotate" if f["rotate"] <= f["materialize"] else "materialize"
 
 
 # --------------------------------------------------------------------------- reference
@@ -70,7 +53,7 @@ def ekfac_lambda_reference(A, G, QA, QS, a_mask=None):
 # --------------------------------------------------------------------------- torch formulations
 def rotate(A, G, QA, QS, a_mask=None):
     """``(A Q_A, G Q_S)`` in the compute dtype (float32 for half inputs), masked rows zeroed."""
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     return A.to(dt) @ QA.to(dt), G.to(dt) @ QS.to(dt)
 
@@ -102,7 +85,7 @@ def materialize_torch(A, G, QA, QS, a_mask=None):
     out = torch.zeros(dout, din, dtype=torch.float32, device=A.device)
     if N == 0:
         return out
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     QA, QS = QA.to(dt), QS.to(dt)
     nc = c.chunk(N, 3 * dout * din * 4)
@@ -114,62 +97,53 @@ def materialize_torch(A, G, QA, QS, a_mask=None):
 
 
 # --------------------------------------------------------------------------- fused kernels
-def _fused_cpu(A, G, QA, QS, a_mask):
-    C = c.require_native(OP)
-    N, T, din = A.shape
-    dout = G.shape[2]
-    out = torch.zeros(dout, din, dtype=torch.float32)
-    if N == 0:
-        return out
-    # Rotation by GEMM: masked rows may hold garbage, the kernel skips them via the mask.
-    At = (A.float() @ QA.float()).contiguous()
-    Gt = (G.float() @ QS.float()).contiguous()
-    am = c.contiguous(a_mask)
-    C.ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), c.ptr(am), out.data_ptr(), N, T, din, dout)
+def _rotated(launch):
+    """A fused backend: rotates the tokens by float32 GEMMs, then ``launch(At, Gt, a_mask, out)``
+    sums the squared per-example products (masked rows may hold garbage: the kernels skip them)."""
+    def run(A, G, QA, QS, a_mask):
+        out = torch.zeros(G.shape[2], A.shape[2], dtype=torch.float32, device=A.device)
+        if A.shape[0] == 0:
+            return out
+        At = (A.float() @ QA.float()).contiguous()
+        Gt = (G.float() @ QS.float()).contiguous()
+        return launch(At, Gt, c.contiguous(a_mask), out)
+    return run
+
+
+@_rotated
+def _cpp(At, Gt, am, out):
+    c.require_native(OP).ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), c.ptr(am), out.data_ptr(),
+                                          *At.shape, Gt.shape[2])
     return out
 
 
-def _fused_cuda(A, G, QA, QS, a_mask):
-    C = c.require_native(OP)
-    N, T, din = A.shape
-    dout = G.shape[2]
-    out = torch.zeros(dout, din, dtype=torch.float32, device=A.device)
-    if N == 0:
-        return out
-    At = (A.float() @ QA.float()).contiguous()
-    Gt = (G.float() @ QS.float()).contiguous()
-    am = c.contiguous(a_mask)
-    with torch.cuda.device(A.device):
-        C.ekfac_lambda_cuda(At.data_ptr(), Gt.data_ptr(), c.ptr(am), out.data_ptr(), N, T, din,
-                            dout, c.CUDA_DTYPE_CODES[At.dtype], c.cuda_stream(A.device))
+@_rotated
+def _cuda(At, Gt, am, out):
+    with torch.cuda.device(At.device):
+        c.require_native(OP).ekfac_lambda_cuda(At.data_ptr(), Gt.data_ptr(), c.ptr(am),
+                                               out.data_ptr(), *At.shape, Gt.shape[2],
+                                               c.CUDA_DTYPE_CODES[At.dtype],
+                                               c.cuda_stream(At.device))
     return out
 
 
-def _fused_triton(A, G, QA, QS, a_mask):
-    from ..triton.ekfac_lambda import ekfac_lambda_triton
+@_rotated
+def _triton(At, Gt, am, out):
+    from ..triton.ekfac_lambda import ekfac_lambda_triton  # optional dependency
 
-    N, T, din = A.shape
-    dout = G.shape[2]
-    if N == 0:
-        return torch.zeros(dout, din, dtype=torch.float32, device=A.device)
-    At = (A.float() @ QA.float()).contiguous()
-    Gt = (G.float() @ QS.float()).contiguous()
-    return ekfac_lambda_triton(At, Gt, c.contiguous(a_mask))
+    return ekfac_lambda_triton(At, Gt, am)
 
 
-_FUSED = {"cpu": _fused_cpu, "cuda": _fused_cuda, "triton": _fused_triton, "torch": rotate_torch}
+# implementation names of the dispatch table -> functions
+_IMPL = {"reference": ekfac_lambda_reference, "materialize": materialize_torch,
+         "torch": rotate_torch, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 
 
 def _run(A, G, QA, QS, a_mask, backend: str, contraction: str) -> torch.Tensor:
-    if backend == "reference":
-        return ekfac_lambda_reference(A, G, QA, QS, a_mask)
-    N, T, din = A.shape
-    dout = G.shape[2]
-    if contraction == "auto":
-        contraction = plan(N, T, din, dout)
-    if contraction == "materialize":
-        return materialize_torch(A, G, QA, QS, a_mask)
-    return _FUSED[backend](A, G, QA, QS, a_mask)
+    (N, T, din), dout = A.shape, G.shape[2]
+    impl = d.implementation(OP, backend, contraction, A.device.type, A.dtype,
+                            N=N, T=T, din=din, dout=dout)
+    return _IMPL[impl](A, G, QA, QS, a_mask)
 
 
 @torch.library.custom_op("fastinf::ekfac_lambda", mutates_args=())
@@ -211,7 +185,8 @@ def validate(A, G, QA, QS, a_mask=None):
 
 def ekfac_lambda(A: torch.Tensor, G: torch.Tensor, QA: torch.Tensor, QS: torch.Tensor, *,
                  a_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                 contraction: Optional[str] = None, check_finite: bool = True) -> torch.Tensor:
+                 contraction: Optional[str] = None,
+                 check_finite: Optional[bool] = None) -> torch.Tensor:
     """EK-FAC eigenvalue correction of a batch, summed over its examples.
 
     ``Λ_sum = Σ_n ((G_n Q_S)ᵀ (A_n Q_A))^∘2``
@@ -222,28 +197,19 @@ def ekfac_lambda(A: torch.Tensor, G: torch.Tensor, QA: torch.Tensor, QS: torch.T
         QA: ``[din, din]`` eigenvectors of the input covariance (columns).
         QS: ``[dout, dout]`` eigenvectors of the gradient covariance (columns).
         a_mask: ``[N, T]`` bool, False for tokens that contribute nothing (padding).
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None for
-            the fastest usable for the inputs' device.
+        backend: one of ``fastinf.ops.BACKENDS`` or None (see the package doc): ``"cpu"`` runs
+            the C++ kernel where it measured faster and torch otherwise, ``"cpp"`` forces it.
         contraction: ``"rotate"``, ``"materialize"`` or None to let the cost model choose.
-        check_finite: raise ``ValueError`` naming the argument and example if the result is not
-            finite because an input holds NaN/Inf (skipped under ``torch.compile``).
+        check_finite: raise ``ValueError`` naming the argument and example if the result is
+            not finite; None (default) checks on CPU only, as a check on a GPU would
+            synchronise every call (the capture there checks every loss and gradient).
 
     Inputs are float32, float16 or bfloat16 (float64 with ``backend="reference"``); QA/QS may be
     of any float dtype. The result is float32 ``[dout, din]`` (float64 for float64 inputs).
     """
-    N, T, din, dout = validate(A, G, QA, QS, a_mask)
-    if contraction not in (None,) + CONTRACTIONS:
-        raise ValueError(f"{OP}: unknown contraction {contraction!r}; expected one of "
-                         f"{', '.join(CONTRACTIONS)} or None")
-    pref = c.default_preference(A.device)
-    if backend is None and A.device.type == "cpu" and T > CPU_FUSED_MAX_T:
-        pref = ("torch",)  # bmm tiles beat the C++ rank-T accumulation beyond a few tokens
-    backend = c.resolve_backend(OP, backend, A.device, A.dtype, pref)
+    validate(A, G, QA, QS, a_mask)
+    contraction = c.check_contraction(OP, contraction, CONTRACTIONS)
+    backend = c.resolve_backend(OP, backend, A.device, A.dtype)
     A, G, QA, QS = (x.detach() for x in (A, G, QA, QS))
-    out = c.dispatch(_ekfac_lambda_op, _run, A, G, QA, QS, a_mask, backend,
-                     contraction or "auto")
-    if check_finite and c.has_nonfinite(out):
-        c.find_nonfinite(OP, {"A": A, "G": G}, {"A": a_mask, "G": a_mask})
-        raise ValueError(f"{OP}: the result overflowed (inputs are finite but squares exceed "
-                         f"the float32 range); rescale the inputs")
-    return out
+    out = c.dispatch(_ekfac_lambda_op, _run, A, G, QA, QS, a_mask, backend, contraction)
+    return c.check_result(OP, out, check_finite, {"A": A, "G": G}, {"A": a_mask, "G": a_mask})

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from . import _common as c
+from . import _dispatch as d
 
 OP = "jl_project"
 KINDS = ("rademacher", "normal")
@@ -116,17 +117,11 @@ def _project_blocks(X, k, key, kind, dt):
 
 def jl_project_reference(X, k, seed=0, kind="rademacher"):
     """Reference: Φ in column blocks, float64 for float64 inputs (the test oracle), else float32."""
-    dt = torch.float64 if X.dtype == torch.float64 else torch.float32
-    return _project_blocks(X, k, seed_key(seed), kind, dt)
-
-
-def jl_project_torch(X, k, seed=0, kind="rademacher"):
-    """Torch path: Φ generated in column blocks on X's device, float32 GEMMs."""
-    return _project_blocks(X, k, seed_key(seed), kind, torch.float32)
+    return _blocks(X, k, seed_key(seed), kind)
 
 
 # --------------------------------------------------------------------------- compiled kernels
-def _cpu(X, k, key, kind):
+def _cpp(X, k, key, kind):
     C = c.require_native(OP)
     N, p = X.shape
     X = X.float().contiguous()
@@ -149,18 +144,26 @@ def _cuda(X, k, key, kind):
 
 
 def _triton(X, k, key, kind):
-    from ..triton.jl_project import jl_project_triton
+    from ..triton.jl_project import jl_project_triton  # optional dependency
 
     return jl_project_triton(X, k, key, KIND_CODES[kind])
 
 
+def _blocks(X, k, key, kind):
+    """The reference and torch path: Φ in column blocks, float64 for float64 inputs (the test
+    oracle), else float32 GEMMs on X's device."""
+    dt = torch.float64 if X.dtype == torch.float64 else torch.float32
+    return _project_blocks(X, k, key, kind, dt)
+
+
+# implementation names of the dispatch table -> functions
+_IMPL = {"reference": _blocks, "torch": _blocks, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
+
+
 def _run(X, k, key, kind, backend):
-    if backend == "reference":
-        dt = torch.float64 if X.dtype == torch.float64 else torch.float32
-        return _project_blocks(X, k, key, kind, dt)
-    if backend == "torch":
-        return _project_blocks(X, k, key, kind, torch.float32)
-    return {"cpu": _cpu, "cuda": _cuda, "triton": _triton}[backend](X, k, key, kind)
+    impl = d.implementation(OP, backend, "auto", X.device.type, X.dtype,
+                            N=X.shape[0], p=X.shape[1], k=k)
+    return _IMPL[impl](X, k, key, kind)
 
 
 @torch.library.custom_op("fastinf::jl_project", mutates_args=())
@@ -188,7 +191,7 @@ def validate(X, k, seed, kind):
 
 
 def jl_project(X: torch.Tensor, k: int, *, seed: int = 0, kind: str = "rademacher",
-               backend: Optional[str] = None, check_finite: bool = True) -> torch.Tensor:
+               backend: Optional[str] = None, check_finite: Optional[bool] = None) -> torch.Tensor:
     """Dense JL projection ``Y = X Φᵀ`` with Φ ``[k, p]`` generated on the fly.
 
     ``Φ[j, i] = r(seed, j, i) / √k``, ``r`` Rademacher (±1) or N(0, 1) from a counter-based hash
@@ -199,16 +202,16 @@ def jl_project(X: torch.Tensor, k: int, *, seed: int = 0, kind: str = "rademache
         k: output dimension.
         seed: any int; the same seed gives the same Φ everywhere.
         kind: ``"rademacher"`` or ``"normal"``.
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None.
+        backend: one of ``fastinf.ops.BACKENDS`` or None (see the package doc): ``"cpu"`` runs
+            the C++ kernel where it measured faster and torch otherwise, ``"cpp"`` forces it.
+        check_finite: raise ``ValueError`` naming the argument and example if the result is
+            not finite; None (default) checks on CPU only, as a check on a GPU would
+            synchronise every call (the capture there checks every loss and gradient).
 
     Returns float32 ``[N, k]`` (float64 for float64 inputs). Memory: never a Φ-sized buffer.
     """
     validate(X, k, seed, kind)
-    backend = c.resolve_backend(OP, backend, X.device, X.dtype, c.default_preference(X.device))
+    backend = c.resolve_backend(OP, backend, X.device, X.dtype)
     X = X.detach()
     out = c.dispatch(_jl_project_op, _run, X, k, seed_key(seed), kind, backend)
-    if check_finite and c.has_nonfinite(out):
-        c.find_nonfinite(OP, {"X": X}, {})
-        raise ValueError(f"{OP}: the projection overflowed (inputs are finite but the sums "
-                         "exceed the float32 range); rescale the inputs")
-    return out
+    return c.check_result(OP, out, check_finite, {"X": X})

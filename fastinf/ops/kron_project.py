@@ -3,7 +3,7 @@
 ``Y[n] = P_outᵀ D_n P_in = Σ_t (P_outᵀ g_t)(P_inᵀ a_t)ᵀ ∈ R^{k_out × k_in}`` with
 ``D_n = G_nᵀ A_n``, without forming ``D_n``.
 
-Two contraction orders, chosen per call by a FLOP cost model (:func:`plan`):
+Two contraction orders, chosen per call by the FLOP cost model of :mod:`._dispatch`:
 
 * ``"project"``: project every token first (``A_n P_in``, ``G_n P_out``), then one small GEMM
   per example — ``2·N·T·(din·k_in + dout·k_out + k_out·k_in)`` FLOPs; fused in the backend
@@ -19,23 +19,10 @@ from typing import Optional
 import torch
 
 from . import _common as c
-from .score_factored import _compute_dtype
+from . import _dispatch as d
 
 OP = "kron_project"
 CONTRACTIONS = ("project", "materialize")
-
-
-def flops(N, T, din, dout, k_in, k_out) -> dict:
-    """FLOPs of each contraction order."""
-    return {
-        "project": 2.0 * N * T * (din * k_in + dout * k_out + k_out * k_in),
-        "materialize": 2.0 * N * (T * dout * din + dout * din * k_in + dout * k_in * k_out),
-    }
-
-
-def plan(N, T, din, dout, k_in, k_out) -> str:
-    f = flops(N, T, din, dout, k_in, k_out)
-    return "project" if f["project"] <= f["materialize"] else "materialize"
 
 
 # --------------------------------------------------------------------------- reference
@@ -62,12 +49,11 @@ def kron_project_reference(A, G, P_in, P_out, a_mask=None):
 # --------------------------------------------------------------------------- torch formulations
 def project_torch(A, G, P_in, P_out, a_mask=None):
     N, T, din = A.shape
-    dout = G.shape[2]
     k_in, k_out = P_in.shape[1], P_out.shape[1]
     out = torch.empty(N, k_out, k_in, dtype=torch.float32, device=A.device)
     if N == 0:
         return out
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     Pi, Po = P_in.to(dt), P_out.to(dt)
     nc = c.chunk(N, T * (k_in + k_out) * 4 + k_in * k_out * 4)
@@ -85,7 +71,7 @@ def materialize_torch(A, G, P_in, P_out, a_mask=None):
     out = torch.empty(N, k_out, k_in, dtype=torch.float32, device=A.device)
     if N == 0:
         return out
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     Pi, Po = P_in.to(dt), P_out.to(dt)
     nc = c.chunk(N, dout * din * 4)
@@ -96,7 +82,7 @@ def materialize_torch(A, G, P_in, P_out, a_mask=None):
 
 
 # --------------------------------------------------------------------------- fused kernels
-def _fused_cpu(A, G, P_in, P_out, a_mask):
+def _cpp(A, G, P_in, P_out, a_mask):
     C = c.require_native(OP)
     N, T, din = A.shape
     dout = G.shape[2]
@@ -110,7 +96,7 @@ def _fused_cpu(A, G, P_in, P_out, a_mask):
     return out
 
 
-def _fused_cuda(A, G, P_in, P_out, a_mask):
+def _cuda(A, G, P_in, P_out, a_mask):
     C = c.require_native(OP)
     N, T, din = A.shape
     dout = G.shape[2]
@@ -129,35 +115,22 @@ def _fused_cuda(A, G, P_in, P_out, a_mask):
     return out
 
 
-def _fused_triton(A, G, P_in, P_out, a_mask):
-    from ..triton.kron_project import kron_project_triton
+def _triton(A, G, P_in, P_out, a_mask):
+    from ..triton.kron_project import kron_project_triton  # optional dependency
 
     return kron_project_triton(A, G, P_in, P_out, a_mask)
 
 
-_FUSED = {"cpu": _fused_cpu, "cuda": _fused_cuda, "triton": _fused_triton, "torch": project_torch}
+# implementation names of the dispatch table -> functions
+_IMPL = {"reference": kron_project_reference, "materialize": materialize_torch,
+         "torch": project_torch, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 
 
-def _run(A, G, P_in, P_out, a_mask, backend, contraction):
-    if backend == "reference":
-        return kron_project_reference(A, G, P_in, P_out, a_mask)
-    N, T, din = A.shape
-    if contraction == "auto":
-        contraction = plan(N, T, din, G.shape[2], P_in.shape[1], P_out.shape[1])
-    if contraction == "materialize":
-        return materialize_torch(A, G, P_in, P_out, a_mask)
-    if backend == "cpu":
-        # Rule: the C++ kernel for float32 inputs with k_in * k_out <= 1024, else project_torch
-        # (float64 keeps torch's float64 result; at 64x64 the C++ kernel is ~10-20% slower).
-        # Measured, project contraction, 2-core EPYC Zen 3, 2 threads, median of 9 alternating
-        # runs (ms, torch -> C++): N=256 T=1 1025/1024 k=32x32 0.57 -> 0.52;
-        # N=32 T=64 513/512 16x16 0.86 -> 0.75; N=8 T=512 769/768 64x64 8.6 -> 9.7 (torch kept);
-        # T=256 conv-like: N=64 27/16 8x8 0.78 -> 0.35; N=64 144/32 16x16 1.52 -> 1.44;
-        # N=64 288/64 32x32 5.47 -> 5.27; N=32 576/64 32x32 4.48 -> 4.38.
-        if A.dtype == torch.float32 and P_in.shape[1] * P_out.shape[1] <= 1024:
-            return _fused_cpu(A, G, P_in, P_out, a_mask)
-        return project_torch(A, G, P_in, P_out, a_mask)
-    return _FUSED[backend](A, G, P_in, P_out, a_mask)
+def _run(A, G, P_in, P_out, a_mask, backend: str, contraction: str) -> torch.Tensor:
+    (N, T, din), (dout, k_out), k_in = A.shape, P_out.shape, P_in.shape[1]
+    impl = d.implementation(OP, backend, contraction, A.device.type, A.dtype,
+                            N=N, T=T, din=din, dout=dout, k_in=k_in, k_out=k_out)
+    return _IMPL[impl](A, G, P_in, P_out, a_mask)
 
 
 @torch.library.custom_op("fastinf::kron_project", mutates_args=())
@@ -193,7 +166,8 @@ def validate(A, G, P_in, P_out, a_mask=None):
 
 def kron_project(A: torch.Tensor, G: torch.Tensor, P_in: torch.Tensor, P_out: torch.Tensor, *,
                  a_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                 contraction: Optional[str] = None, check_finite: bool = True) -> torch.Tensor:
+                 contraction: Optional[str] = None,
+                 check_finite: Optional[bool] = None) -> torch.Tensor:
     """Kronecker projection of factored per-example gradients.
 
     ``Y[n] = Σ_t (P_outᵀ G[n,t]) (P_inᵀ A[n,t])ᵀ = P_outᵀ (G_nᵀ A_n) P_in``
@@ -202,22 +176,20 @@ def kron_project(A: torch.Tensor, G: torch.Tensor, P_in: torch.Tensor, P_out: to
         A: ``[N, T, din]`` layer inputs; G: ``[N, T, dout]`` output gradients.
         P_in: ``[din, k_in]``; P_out: ``[dout, k_out]`` projection matrices.
         a_mask: ``[N, T]`` bool, False for tokens that contribute nothing (padding).
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None.
+        backend: one of ``fastinf.ops.BACKENDS`` or None (see the package doc): ``"cpu"`` runs
+            the C++ kernel where it measured faster and torch otherwise, ``"cpp"`` forces it.
+        check_finite: raise ``ValueError`` naming the argument and example if the result is
+            not finite; None (default) checks on CPU only, as a check on a GPU would
+            synchronise every call (the capture there checks every loss and gradient).
         contraction: ``"project"``, ``"materialize"`` or None for the cost model's choice.
 
     Returns float32 ``[N, k_out, k_in]`` (float64 for float64 inputs).
     """
     validate(A, G, P_in, P_out, a_mask)
-    if contraction not in (None,) + CONTRACTIONS:
-        raise ValueError(f"{OP}: unknown contraction {contraction!r}; expected one of "
-                         f"{', '.join(CONTRACTIONS)} or None")
-    backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
+    contraction = c.check_contraction(OP, contraction, CONTRACTIONS)
+    backend = c.resolve_backend(OP, backend, A.device, A.dtype)
     A, G, P_in, P_out = (x.detach() for x in (A, G, P_in, P_out))
-    out = c.dispatch(_kron_project_op, _run, A, G, P_in, P_out, a_mask, backend,
-                     contraction or "auto")
-    if check_finite and c.has_nonfinite(out):
-        c.find_nonfinite(OP, {"A": A, "G": G, "P_in": P_in[None], "P_out": P_out[None]},
-                         {"A": a_mask, "G": a_mask})
-        raise ValueError(f"{OP}: the projection overflowed (inputs are finite but products "
-                         "exceed the float32 range); rescale the inputs")
-    return out
+    out = c.dispatch(_kron_project_op, _run, A, G, P_in, P_out, a_mask, backend, contraction)
+    return c.check_result(OP, out, check_finite,
+                          {"A": A, "G": G, "P_in": P_in[None], "P_out": P_out[None]},
+                          {"A": a_mask, "G": a_mask})

@@ -3,7 +3,7 @@
 ``S[n, q] = Σ_t G[n,t]ᵀ M[q] A[n,t] = ⟨G_nᵀ A_n, M_q⟩_F`` — used for EK-FAC full-rank queries,
 where ``M_q = H⁻¹ D_q`` is the preconditioned query gradient.
 
-Two contraction orders, chosen per call by a FLOP cost model (:func:`plan`):
+Two contraction orders, chosen per call by the FLOP cost model of :mod:`._dispatch`:
 
 * ``"token"``: ``M_q a_t`` for every token, dotted with ``g_t`` — ``2·N·T·Q·dout·din`` FLOPs; fused
   in the backend kernels (GEMM with a dot-product epilogue), so ``[N, T, Q, dout]`` never exists;
@@ -17,44 +17,11 @@ from typing import Optional
 import torch
 
 from . import _common as c
-from .score_factored import _compute_dtype
+from . import _dispatch as d
 
 OP = "score_dense"
 CONTRACTIONS = ("token", "materialize")
-
-
-def flops(N, T, Q, din, dout) -> dict:
-    """FLOPs of each contraction order."""
-    return {
-        "token": 2.0 * N * T * Q * dout * (din + 1),
-        "materialize": 2.0 * dout * din * (N * T + N * Q),
-    }
-
-
-# How many times fewer FLOPs the fused token order must need to be chosen, per device type.
-# On CPU the materialised order's BLAS GEMMs run at a higher fraction of peak than the fused
-# kernels; at T = 1 both orders cost the same FLOPs and the GEMMs won by 1.1-15x (bench/results/
-# ops.csv), so near-ties go to "materialize". On GPUs the fused order saves the memory traffic
-# of the per-example gradients, so ties go to "token".
-TOKEN_ADVANTAGE = {"cpu": 2.0}
-
-
-def plan(N, T, Q, din, dout, device_type: str = "cpu") -> str:
-    """The contraction order for these sizes on this device type.
-
-    ``"token"`` when it needs ``TOKEN_ADVANTAGE``× fewer FLOPs; between that and 2× more FLOPs,
-    the order whose intermediate is smaller: ``T·Q·dout`` floats per example for ``"token"``
-    (``M_q a_t``), ``dout·din`` for ``"materialize"`` (``D_n``). At T = 1 with few queries the
-    token order skips writing every per-example gradient (measured 2.3x faster on CPU for
-    T=1, Q=64, 512x512).
-    """
-    f = flops(N, T, Q, din, dout)
-    adv = TOKEN_ADVANTAGE.get(device_type, 1.0)
-    if adv * f["token"] <= f["materialize"]:
-        return "token"
-    if f["token"] <= 2 * f["materialize"] and T * Q < din:
-        return "token"
-    return "materialize"
+flops = d.FLOPS[OP]  # FLOPs of each order; the cost model lives in the dispatch table
 
 
 # --------------------------------------------------------------------------- reference
@@ -91,7 +58,7 @@ def materialize_torch(A, G, M, a_mask=None):
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
     if N == 0 or Q == 0:
         return out
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     Mf = M.to(dt).reshape(Q, dout * din)
     nc = c.chunk(N, dout * din * 4)
@@ -108,7 +75,7 @@ def token_torch(A, G, M, a_mask=None):
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
     if N == 0 or Q == 0:
         return out
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A = c.mask_rows(A, a_mask)
     G = c.mask_rows(G, a_mask)
     per = 2 * T * dout * 4
@@ -125,7 +92,7 @@ def token_torch(A, G, M, a_mask=None):
 
 
 # --------------------------------------------------------------------------- fused kernels
-def _fused_cpu(A, G, M, a_mask):
+def _cpp(A, G, M, a_mask):
     C = c.require_native(OP)
     N, T, din = A.shape
     Q, dout, _ = M.shape
@@ -138,7 +105,7 @@ def _fused_cpu(A, G, M, a_mask):
     return out
 
 
-def _fused_cuda(A, G, M, a_mask):
+def _cuda(A, G, M, a_mask):
     C = c.require_native(OP)
     N, T, din = A.shape
     Q, dout, _ = M.shape
@@ -153,44 +120,22 @@ def _fused_cuda(A, G, M, a_mask):
     return out
 
 
-def _fused_triton(A, G, M, a_mask):
-    from ..triton.score_dense import score_dense_triton
+def _triton(A, G, M, a_mask):
+    from ..triton.score_dense import score_dense_triton  # optional dependency
 
     return score_dense_triton(A, G, M, a_mask)
 
 
-def _cpu_token(A, G, M, a_mask):
-    """The ``"cpu"`` backend's token order: the C++ kernel iff ``din < 512``, else ``token_torch``.
-
-    Measured by ``bench/ops/_cpu_tuning.py`` (1 thread, AMD EPYC Zen 3; ratio = C++/torch)::
-
-        N    T   Q   din  dout  C++ ms  torch ms  ratio
-        256  1  16    64    64    0.58      0.79   0.74
-        256  1  64    27    16    0.32      0.58   0.56
-        256  1  16   512   512   66.32     64.90   1.02
-        256  1   4  1025  1024   98.90     52.87   1.87
-         64  8   8   256   256    7.25     16.98   0.43
-         32 64   1   256   256    3.50      6.57   0.53
-         32 64   4    64    32    0.53      1.39   0.38
-    """
-    if A.shape[2] < 512:
-        return _fused_cpu(A, G, M, a_mask)
-    return token_torch(A, G, M, a_mask)
-
-
-_FUSED = {"cpu": _cpu_token, "cuda": _fused_cuda, "triton": _fused_triton, "torch": token_torch}
+# implementation names of the dispatch table -> functions
+_IMPL = {"reference": score_dense_reference, "materialize": materialize_torch,
+         "torch": token_torch, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 
 
 def _run(A, G, M, a_mask, backend: str, contraction: str) -> torch.Tensor:
-    if backend == "reference":
-        return score_dense_reference(A, G, M, a_mask)
-    N, T, din = A.shape
-    Q, dout, _ = M.shape
-    if contraction == "auto":
-        contraction = plan(N, T, Q, din, dout, A.device.type)
-    if contraction == "materialize":
-        return materialize_torch(A, G, M, a_mask)
-    return _FUSED[backend](A, G, M, a_mask)
+    (N, T, din), (Q, dout) = A.shape, M.shape[:2]
+    impl = d.implementation(OP, backend, contraction, A.device.type, A.dtype,
+                            N=N, T=T, Q=Q, din=din, dout=dout)
+    return _IMPL[impl](A, G, M, a_mask)
 
 
 @torch.library.custom_op("fastinf::score_dense", mutates_args=())
@@ -225,7 +170,8 @@ def validate(A, G, M, a_mask=None):
 
 def score_dense(A: torch.Tensor, G: torch.Tensor, M: torch.Tensor, *,
                 a_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                contraction: Optional[str] = None, check_finite: bool = True) -> torch.Tensor:
+                contraction: Optional[str] = None,
+                check_finite: Optional[bool] = None) -> torch.Tensor:
     """Scores of factored per-example gradients against dense query matrices.
 
     ``S[n, q] = Σ_t G[n,t]ᵀ M[q] A[n,t] = ⟨G_nᵀ A_n, M_q⟩_F``
@@ -235,24 +181,20 @@ def score_dense(A: torch.Tensor, G: torch.Tensor, M: torch.Tensor, *,
         G: ``[N, T, dout]`` output gradients of the same examples.
         M: ``[Q, dout, din]`` one dense matrix per query (e.g. a preconditioned query gradient).
         a_mask: ``[N, T]`` bool, False for tokens that contribute nothing (padding).
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None for
-            the fastest usable for the inputs' device (see ``fastinf.backends()``).
+        backend: one of ``fastinf.ops.BACKENDS`` or None (see the package doc): ``"cpu"`` runs
+            the C++ kernel where it measured faster and torch otherwise, ``"cpp"`` forces it.
         contraction: ``"token"``, ``"materialize"`` or None to let the cost model choose.
-        check_finite: raise ``ValueError`` naming the argument and example if the scores are
-            not finite because an input holds NaN/Inf (skipped under ``torch.compile``).
+        check_finite: raise ``ValueError`` naming the argument and example if the result is
+            not finite; None (default) checks on CPU only, as a check on a GPU would
+            synchronise every call (the capture there checks every loss and gradient).
 
     Inputs are float32, float16 or bfloat16 (float64 with ``backend="reference"``); the result
     is float32 ``[N, Q]`` (float64 for float64 inputs).
     """
-    N, T, Q, din, dout = validate(A, G, M, a_mask)
-    if contraction not in (None,) + CONTRACTIONS:
-        raise ValueError(f"{OP}: unknown contraction {contraction!r}; expected one of "
-                         f"{', '.join(CONTRACTIONS)} or None")
-    backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
+    validate(A, G, M, a_mask)
+    contraction = c.check_contraction(OP, contraction, CONTRACTIONS)
+    backend = c.resolve_backend(OP, backend, A.device, A.dtype)
     A, G, M = (x.detach() for x in (A, G, M))
-    out = c.dispatch(_score_dense_op, _run, A, G, M, a_mask, backend, contraction or "auto")
-    if check_finite and c.has_nonfinite(out):
-        c.find_nonfinite(OP, {"A": A, "G": G, "M": M}, {"A": a_mask, "G": a_mask})
-        raise ValueError(f"{OP}: the scores overflowed (inputs are finite but products exceed "
-                         f"the float32 range); rescale the inputs")
-    return out
+    out = c.dispatch(_score_dense_op, _run, A, G, M, a_mask, backend, contraction)
+    return c.check_result(OP, out, check_finite, {"A": A, "G": G, "M": M},
+                          {"A": a_mask, "G": a_mask})

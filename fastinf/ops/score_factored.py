@@ -4,7 +4,7 @@
 forming either gradient. Used by ghost TracIn (V, U = query tokens), EK-FAC low-rank queries
 (V, U = the rank-r factors R, L) and low-rank stores.
 
-Two contraction orders, chosen per call by a FLOP cost model (:func:`plan`):
+Two contraction orders, chosen per call by the FLOP cost model of :mod:`._dispatch`:
 
 * ``"factored"`` (ghost): token-pair Gram products, ``2·N·Q·T·S·(din+dout)`` FLOPs, fused in the
   backend kernels (C++, Triton, CUDA) so the ``[N, T, Q, S]`` intermediates never exist;
@@ -21,26 +21,11 @@ from typing import Optional
 import torch
 
 from . import _common as c
+from . import _dispatch as d
 
 OP = "score_factored"
 CONTRACTIONS = ("factored", "materialize")
-
-
-def flops(N, T, Q, S, din, dout) -> dict:
-    """FLOPs of each contraction order."""
-    return {
-        "factored": 2.0 * N * Q * T * S * (din + dout + 1),
-        "materialize": 2.0 * dout * din * (N * T + Q * S + N * Q),
-    }
-
-
-def plan(N, T, Q, S, din, dout, device_type: str = "cpu") -> str:
-    """The cheaper contraction order by FLOPs (ties go to ``"factored"``, which moves less memory).
-
-    ``device_type`` is accepted for symmetry with the other ops; both orders measured alike.
-    """
-    f = flops(N, T, Q, S, din, dout)
-    return "factored" if f["factored"] <= f["materialize"] else "materialize"
+flops = d.FLOPS[OP]  # FLOPs of each order; the cost model lives in the dispatch table
 
 
 # --------------------------------------------------------------------------- reference
@@ -75,19 +60,14 @@ def score_factored_reference(A, G, V, U, a_mask=None, v_mask=None):
 
 
 # --------------------------------------------------------------------------- torch formulations
-def _compute_dtype(x):
-    # fp16/bf16 GEMMs on CPU are slow and inexact: compute in fp32 there.
-    return torch.float32 if x.device.type == "cpu" else x.dtype
-
-
 def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
     """Per-example gradients tile by tile, then one GEMM per tile pair. Output float32 [N, Q]."""
     N, T, din = A.shape
-    Q, S, dout = U.shape[0], U.shape[1], U.shape[2]
+    Q, dout = U.shape[0], U.shape[2]
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
     if N == 0 or Q == 0:
         return out
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     V, U = c.mask_rows(V, v_mask), c.mask_rows(U, v_mask)
     per = dout * din * 4
@@ -109,7 +89,7 @@ def factored_torch(A, G, V, U, a_mask=None, v_mask=None):
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
     if N == 0 or Q == 0:
         return out
-    dt = _compute_dtype(A)
+    dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     V, U = c.mask_rows(V, v_mask), c.mask_rows(U, v_mask)
     per_pair = 3 * T * S * 4
@@ -132,7 +112,7 @@ def factored_torch(A, G, V, U, a_mask=None, v_mask=None):
 
 
 # --------------------------------------------------------------------------- fused kernels
-def _fused_cpu(A, G, V, U, a_mask, v_mask):
+def _cpp(A, G, V, U, a_mask, v_mask):
     C = c.require_native(OP)
     N, T, din = A.shape
     Q, S, dout = U.shape
@@ -145,7 +125,7 @@ def _fused_cpu(A, G, V, U, a_mask, v_mask):
     return out
 
 
-def _fused_cuda(A, G, V, U, a_mask, v_mask):
+def _cuda(A, G, V, U, a_mask, v_mask):
     C = c.require_native(OP)
     N, T, din = A.shape
     Q, S, dout = U.shape
@@ -160,78 +140,22 @@ def _fused_cuda(A, G, V, U, a_mask, v_mask):
     return out
 
 
-def _fused_triton(A, G, V, U, a_mask, v_mask):
-    from ..triton.score_factored import score_factored_triton
+def _triton(A, G, V, U, a_mask, v_mask):
+    from ..triton.score_factored import score_factored_triton  # optional dependency
 
     return score_factored_triton(A, G, V, U, a_mask, v_mask)
 
 
-_FUSED = {"cpu": _fused_cpu, "cuda": _fused_cuda, "triton": _fused_triton, "torch": factored_torch}
-
-
-def _cpu_prefers_cpp(T, S, din, dout) -> bool:
-    """Dispatch rule of the ``"cpu"`` backend's factored order: the C++ kernel where it measured
-    faster than ``factored_torch``, else the torch formulation.
-
-    C++ iff ``T·S >= 4096`` or (``din + dout <= 768`` and ``T >= S``). The C++ kernel never writes
-    the ``[T, S]`` Gram tiles to memory, so it wins where they dominate (many tokens, small
-    din+dout); torch's BLAS wins where the two GEMMs dominate (large din+dout, few token pairs)
-    and, with the current kernel, when the query side has many more tokens than the examples.
-
-    Measured by ``bench/ops/_cpu_tuning.py`` (1 thread, AMD EPYC Zen 3, AVX2; torch 2.13 MKL;
-    ms = min of up to 9 interleaved runs; ratio = C++/torch; * = rule picks C++)::
-
-        layer     N    T    Q    S  din dout   T*S  C++ ms torch ms ratio
-        mlp     256    1  256    1   64   64     1    0.38    0.38  0.99 *
-        mlp     256    1  256    1  256  256     1    1.28    1.40  0.91 *
-        mlp     256    1  256    1  512  512     1    2.08    2.21  0.94
-        mlp     256    1  256    1 1025 1024     1    4.67    4.56  1.02
-        conv     16  256   16  256   27   16 65536   25.44  338.54  0.08 *
-        conv      4 1024    4 1024   27   32 1e+06   81.76  444.89  0.18 *
-        conv     16  256   16  256  144   32 65536  171.99  572.24  0.30 *
-        conv     16   64   16   64  288   64  4096   17.74   21.17  0.84 *
-        conv     16   64   16   64  576  128  4096   44.78   47.94  0.93 *
-        conv     64   16   64   16  576   64   256   34.03   36.17  0.94 *
-        conv      8  256    8  256  600  128 65536   72.78  103.50  0.70 *
-        tfm      64   32   64   32   64   64  1024   14.53   64.28  0.23 *
-        tfm      32   32   32   32  512  512  1024   38.05   35.71  1.07
-        tfm      32   64   32   64  384  384  4096  173.32  273.58  0.63 *
-        tfm      32  128   32  128   64   64 16384   61.48  296.03  0.21 *
-        tfm       8  128    8  128  512  512 16384   31.79   31.69  1.00 *
-        tfm      64    4   64    4 1024 1024    16    7.94    8.00  0.99
-        lowrank 128   64   64    1  256  256    64    7.71   10.01  0.77 *
-        lowrank 128   64   64    8  256  256   512   50.56   94.30  0.54 *
-        lowrank 128   64   64   32  256  256  2048  205.93  413.96  0.50 *
-        lowrank  64  512   64    8   27   64  4096   84.03  448.44  0.19 *
-        lowrank 128    1   64   32  512  512    32   20.09   19.39  1.04
-        lowrank  32  128   32   32  512  512  4096  226.11  339.79  0.67 *
-        lowrank  64    1   64   64  256  256    64   11.74    6.36  1.84
-        lowrank  64    1   64   64  512  512    64   23.44   20.08  1.17
-    """
-    return T * S >= 4096 or (din + dout <= 768 and T >= S)
-
-
-def _cpu_factored(A, G, V, U, a_mask, v_mask):
-    """The ``"cpu"`` backend's factored order: C++ kernel or torch, by :func:`_cpu_prefers_cpp`."""
-    T, din = A.shape[1], A.shape[2]
-    S, dout = U.shape[1], U.shape[2]
-    if _cpu_prefers_cpp(T, S, din, dout):
-        return _fused_cpu(A, G, V, U, a_mask, v_mask)
-    return factored_torch(A, G, V, U, a_mask, v_mask)
+# implementation names of the dispatch table -> functions
+_IMPL = {"reference": score_factored_reference, "materialize": materialize_torch,
+         "torch": factored_torch, "cpp": _cpp, "triton": _triton, "cuda": _cuda}
 
 
 def _run(A, G, V, U, a_mask, v_mask, backend: str, contraction: str) -> torch.Tensor:
-    if backend == "reference":
-        return score_factored_reference(A, G, V, U, a_mask, v_mask)
-    N, T, din = A.shape
-    Q, S, dout = U.shape
-    if contraction == "auto":
-        contraction = plan(N, T, Q, S, din, dout)
-    if contraction == "materialize":
-        return materialize_torch(A, G, V, U, a_mask, v_mask)
-    if backend == "cpu":
-        return _cpu_factored(A, G, V, U, a_mask, v_mask)
-    return _FUSED[backend](A, G, V, U, a_mask, v_mask)
+    (N, T, din), (Q, S, dout) = A.shape, U.shape
+    impl = d.implementation(OP, backend, contraction, A.device.type, A.dtype,
+                            N=N, T=T, Q=Q, S=S, din=din, dout=dout)
+    return _IMPL[impl](A, G, V, U, a_mask, v_mask)
 
 
 @torch.library.custom_op("fastinf::score_factored", mutates_args=())
@@ -272,7 +196,7 @@ def validate(A, G, V, U, a_mask=None, v_mask=None):
 def score_factored(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, U: torch.Tensor, *,
                    a_mask: Optional[torch.Tensor] = None, v_mask: Optional[torch.Tensor] = None,
                    backend: Optional[str] = None, contraction: Optional[str] = None,
-                   check_finite: bool = True) -> torch.Tensor:
+                   check_finite: Optional[bool] = None) -> torch.Tensor:
     """Scores between factored per-example gradients.
 
     ``S[n, q] = Σ_t Σ_s (A[n,t]·V[q,s]) (G[n,t]·U[q,s]) = ⟨G_nᵀ A_n, U_qᵀ V_q⟩_F``
@@ -284,27 +208,21 @@ def score_factored(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, U: torch.T
         U: ``[Q, S, dout]`` right factors of the queries (query output gradients, or L).
         a_mask: ``[N, T]`` bool, False for tokens of A/G that contribute nothing (padding).
         v_mask: ``[Q, S]`` bool, likewise for V/U.
-        backend: ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or None for
-            the fastest usable for the inputs' device (see ``fastinf.backends()``).
+        backend: one of ``fastinf.ops.BACKENDS`` or None (see the package doc): ``"cpu"`` runs
+            the C++ kernel where it measured faster and torch otherwise, ``"cpp"`` forces it.
         contraction: ``"factored"``, ``"materialize"`` or None to let the cost model choose.
-        check_finite: raise ``ValueError`` naming the argument and example if the scores are
-            not finite because an input holds NaN/Inf (skipped under ``torch.compile``).
+        check_finite: raise ``ValueError`` naming the argument and example if the result is
+            not finite; None (default) checks on CPU only, as a check on a GPU would
+            synchronise every call (the capture there checks every loss and gradient).
 
     Inputs are float32, float16 or bfloat16 (float64 with ``backend="reference"``), all on one
     device with one dtype; accumulation is float32 and the result is float32 ``[N, Q]``
     (float64 for float64 inputs).
     """
-    N, T, Q, S, din, dout = validate(A, G, V, U, a_mask, v_mask)
-    if contraction not in (None,) + CONTRACTIONS:
-        raise ValueError(f"{OP}: unknown contraction {contraction!r}; expected one of "
-                         f"{', '.join(CONTRACTIONS)} or None")
-    backend = c.resolve_backend(OP, backend, A.device, A.dtype, c.default_preference(A.device))
+    validate(A, G, V, U, a_mask, v_mask)
+    contraction = c.check_contraction(OP, contraction, CONTRACTIONS)
+    backend = c.resolve_backend(OP, backend, A.device, A.dtype)
     A, G, V, U = (x.detach() for x in (A, G, V, U))
-    out = c.dispatch(_score_factored_op, _run, A, G, V, U, a_mask, v_mask, backend,
-                     contraction or "auto")
-    if check_finite and c.has_nonfinite(out):
-        c.find_nonfinite(OP, {"A": A, "G": G, "V": V, "U": U},
-                         {"A": a_mask, "G": a_mask, "V": v_mask, "U": v_mask})
-        raise ValueError(f"{OP}: the scores overflowed (inputs are finite but products exceed "
-                         f"the float32 range); rescale the inputs")
-    return out
+    out = c.dispatch(_score_factored_op, _run, A, G, V, U, a_mask, v_mask, backend, contraction)
+    return c.check_result(OP, out, check_finite, {"A": A, "G": G, "V": V, "U": U},
+                          {"A": a_mask, "G": a_mask, "V": v_mask, "U": v_mask})

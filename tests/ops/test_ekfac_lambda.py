@@ -13,7 +13,7 @@ SHAPES = [  # N, T, din, dout
     (2, 2, 130, 3),
 ]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-CPU_BACKENDS = ["torch", "cpu", "triton"]
+CPU_BACKENDS = ["torch", "cpp", "triton"]
 
 
 def _orth(d, dtype=torch.float64):
@@ -94,7 +94,7 @@ def test_non_contiguous_and_float64():
     QA, QS = _orth(9), _orth(5)
     ref = _brute(A, G, QA, QS, None)
     assert torch.allclose(ekfac_lambda(A, G, QA, QS), ref, rtol=1e-10)
-    for b in ("torch", "cpu"):
+    for b in ("torch", "cpp"):
         _check(ekfac_lambda(A.float(), G.float(), QA.float(), QS.float(), backend=b), ref,
                torch.float32)
 

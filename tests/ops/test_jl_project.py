@@ -8,7 +8,7 @@ from fastinf._native import available
 from fastinf.ops import jl_project, jl_project_reference
 from fastinf.ops.jl_project import block_cols, phi_block, seed_key
 
-BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if available(b)]
+BACKENDS = ["torch"] + [b for b in ("cpp", "triton") if available(b)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SHAPES = [(0, 7, 5), (1, 1, 1), (3, 37, 5), (5, 100, 33), (2, 515, 64)]
 
@@ -60,8 +60,8 @@ def test_rademacher_entries_exact():
     k = 25
     y = jl_project(torch.eye(64), k, seed=9, backend="torch")
     assert torch.equal(y.abs(), torch.full_like(y, 1 / math.sqrt(k)))
-    if "cpu" in BACKENDS:
-        yc = jl_project(torch.eye(64), k, seed=9, backend="cpu")
+    if "cpp" in BACKENDS:
+        yc = jl_project(torch.eye(64), k, seed=9, backend="cpp")
         assert torch.equal(yc.abs(), torch.full_like(yc, 1 / math.sqrt(k)))
     # balanced signs
     assert abs((y > 0).float().mean().item() - 0.5) < 0.1
@@ -86,7 +86,7 @@ def test_bounded_tiles():
     bc = block_cols(k)
     from fastinf.ops._common import workspace_bytes
     assert bc * k * 4 <= workspace_bytes() and bc < p
-    if "cpu" in BACKENDS:
+    if "cpp" in BACKENDS:
         from fastinf._native import native
         assert native().jl_project_tile_floats() * 4 < 2**20   # per-thread workspace < 1 MiB
 

@@ -47,7 +47,7 @@ def test_mask_errors():
 
 def test_unknown_backend_and_contraction():
     args = (f(2, 1, 3), f(2, 1, 3), f(2, 1, 3), f(2, 1, 3))
-    with pytest.raises(ValueError, match=r"unknown backend 'gpu'; expected one of reference, torch, cpu, triton, cuda"):
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'; expected one of reference, torch, cpu, cpp, triton, cuda"):
         score_factored(*args, backend="gpu")
     with pytest.raises(ValueError, match=r"unknown contraction 'ghost'"):
         score_factored(*args, contraction="ghost")

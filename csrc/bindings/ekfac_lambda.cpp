@@ -1,0 +1,31 @@
+#include "bindings/common.h"
+
+void fastinf::bindings::register_ekfac_lambda(py::module_& m) {
+  m.def(
+      "ekfac_lambda_cpu",
+      [](uintptr_t At, uintptr_t Gt, uintptr_t a_mask, uintptr_t out, int64_t N, int64_t T,
+         int64_t din, int64_t dout) {
+        py::gil_scoped_release nogil;
+        cpu::ekfac_lambda_f32(ptr<const float>(At), ptr<const float>(Gt),
+                              ptr<const uint8_t>(a_mask), ptr<float>(out), N, T, din, dout);
+      },
+      py::arg("At"), py::arg("Gt"), py::arg("a_mask"), py::arg("out"), py::arg("N"),
+      py::arg("T"), py::arg("din"), py::arg("dout"));
+#ifdef FASTINF_WITH_CUDA
+  m.def(
+      "ekfac_lambda_cuda",
+      [](uintptr_t At, uintptr_t Gt, uintptr_t a_mask, uintptr_t out, int64_t N, int64_t T,
+         int64_t din, int64_t dout, int dtype, uintptr_t stream) {
+        std::string err;
+        {
+          py::gil_scoped_release nogil;
+          err = cuda::ekfac_lambda(ptr<const void>(At), ptr<const void>(Gt),
+                                   ptr<const uint8_t>(a_mask), ptr<float>(out), N, T, din, dout,
+                                   dtype, stream);
+        }
+        check(err, "ekfac_lambda");
+      },
+      py::arg("At"), py::arg("Gt"), py::arg("a_mask"), py::arg("out"), py::arg("N"),
+      py::arg("T"), py::arg("din"), py::arg("dout"), py::arg("dtype"), py::arg("stream"));
+#endif
+}
