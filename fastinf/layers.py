@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .ops import _common as c
-from .ops.score_dense import flops as _score_dense_flops
+from .ops import flops as _op_flops
 from .ops.score_dense import score_dense
-from .ops.score_factored import flops as _score_factored_flops
 from .ops.score_factored import score_factored
 
 
@@ -101,8 +100,7 @@ def cat_records(records: List[Record]) -> Record:
 def op_flops(op: str, **dims) -> float:
     """FLOPs of ``op``'s cheapest contraction order for these sizes (the ops' cost model).
     The one place this module reads the cost model."""
-    fn = {"score_dense": _score_dense_flops, "score_factored": _score_factored_flops}[op]
-    return min(fn(**dims).values())
+    return min(_op_flops(op, **dims).values())
 
 
 class Query:

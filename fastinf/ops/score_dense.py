@@ -21,7 +21,6 @@ from . import _dispatch as d
 
 OP = "score_dense"
 CONTRACTIONS = ("token", "materialize")
-flops = d.FLOPS[OP]  # FLOPs of each order; the cost model lives in the dispatch table
 
 
 # --------------------------------------------------------------------------- reference

@@ -25,7 +25,6 @@ from . import _dispatch as d
 
 OP = "score_factored"
 CONTRACTIONS = ("factored", "materialize")
-flops = d.FLOPS[OP]  # FLOPs of each order; the cost model lives in the dispatch table
 
 
 # --------------------------------------------------------------------------- reference

@@ -1,6 +1,6 @@
 """CUDA kernels on the edges of their tilings (gpu-marked; compared with float64 references).
 
-csrc/cuda/common.cuh stages 64-row operand tiles in K steps of 16 (fp32) / 32 (f16, bf16) with
+csrc/cuda/score_engine.cuh stages 64-row operand tiles in K steps of 16 (fp32) / 32 (f16, bf16) with
 cp.async when K is a multiple of the 16-byte chunk (4 / 8 elements) and the operand is 16-byte
 aligned, element by element otherwise, double-buffered; outputs of blocks with several 64 x 64
 chunks (T or S/dout > 64) are stored by the first chunk and added to by the next ones.
