@@ -12,8 +12,10 @@ index first), and the score each was chosen by. Exactly one of ``k`` (a count) a
 Memory: the target / validation examples are scored in batches of ``query_batch`` rows (default:
 as many as fit in 256 MiB of ``[rows, n_train]`` float32 scores), and reduced to one float64
 value per training example at once, so memory is ``query_batch × n_train`` plus ``O(n_train)``.
-Each batch is one pass over ``train`` (one read of the store); the default makes it one pass for
-up to 64k target examples against 1M training examples.
+Each batch is one pass over ``train`` (one read of the store, or a training-gradient pass over
+data): the default makes it a single pass while ``n_target × n_train ≤ 67M`` (e.g. 1000 targets
+against 67k training examples); beyond that, raise ``query_batch`` if memory allows, or score a
+store, where each extra pass is only a read of its shards.
 
 Sign convention (fastinf's and Kronfluence's): a positive score means that up-weighting the
 training example lowers the query's loss (it helps).

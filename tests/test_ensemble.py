@@ -1,25 +1,18 @@
 """fastinf.Ensemble: the weighted combination of its members' scores (pairwise, self, top-k), on
 data and on one store per member; balanced weights; bad arguments raise naming them."""
 import pytest
+from functools import partial
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
+from test_selection import data, loss_fn
 
 import fastinf
 from fastinf import Ensemble
 
 N = 40
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
-def data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+data = partial(data, dim=5, classes=3)
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(x), y, reduction="none")
 
 
-def data(n, seed):
+def data(n, seed, dim=6, classes=4):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 @pytest.fixture(scope="module")
