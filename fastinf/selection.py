@@ -95,7 +95,8 @@ def _count_request(fn: str, k, fraction):
                          f"the training set), got k={k!r}, fraction={fraction!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"{fn}: k must be a positive int, got {k!r}")
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+    if fraction is not None and (isinstance(fraction, bool)
+                                 or not isinstance(fraction, (int, float))
                                  or not 0.0 < fraction <= 1.0):
         raise ValueError(f"{fn}: fraction must be a number in (0, 1], got {fraction!r}")
 

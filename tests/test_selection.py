@@ -54,7 +54,8 @@ def check_pick(got, scores, k, descending):
     idx, vals = got
     order = torch.sort(scores, descending=descending, stable=True).indices[:k]
     assert idx.tolist() == order.tolist()
-    torch.testing.assert_close(vals, scores[order], rtol=1e-5, atol=1e-7)  # float32 scores, other query batches
+    # float32 scores, computed in other query batches
+    torch.testing.assert_close(vals, scores[order], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["ek", "tr"])

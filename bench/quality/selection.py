@@ -156,7 +156,8 @@ def main():
     rows.append({"device": dev, "task": "suspicious", "method": "random",
                  **{f"found_top{p}%": p / 100 for p in (10, 20, 30)}})
     print_table(rows, ["task", "method", "choice", "fraction", "test_acc", "test_acc_std",
-                       "test_loss", "flipped_in_kept", "flipped_in_removed", "vs_random", "noise", "beats_random",
+                       "test_loss", "flipped_in_kept", "flipped_in_removed", "vs_random", "noise",
+                       "beats_random",
                        "found_top10%", "found_top20%", "found_top30%"])
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if not args.no_save:
