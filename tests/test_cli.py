@@ -40,13 +40,17 @@ def test_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "flipped labels found" in r.stdout
     report = json.loads((out / "report.json").read_text())
-    for name in ("mislabel_curve.png", "proponents_ekfac.png", "proponents_tracin.png"):
+    for name in ("mislabel_curve.png", "removal_curve.png", "proponents_ekfac.png",
+                 "proponents_tracin.png"):
         assert (out / name).stat().st_size > 1000, name
     det = report["detection"]
     # Self-influence finds flipped labels far better than random inspection (20 % at top 20 %).
     assert det["ekfac"]["top20%"] >= 0.8, det
     assert det["tracin"]["top20%"] >= 0.6, det
     assert report["model"]["test_accuracy"] > 0.85
+    rm = report["removal"]  # retrained without the top x % by self-influence / at random
+    assert rm["fraction"] == [0.0, 0.05, 0.1, 0.2] and len(rm["influence"]) == len(rm["random"]) == 4
+    assert min(rm["influence"] + rm["random"]) > 0.8, rm
     assert set(report["timings"]) >= {"train_s", "ekfac_fit_s", "ekfac_self_scores_s"}
 
 

@@ -9,7 +9,9 @@ scores are helpful, they lower the loss).
 Mislabel detection: with 10 % of the labels flipped, the fraction of flipped labels found in the
 top 5/10/20 % of training examples by self-influence, per method, against random.
 
-Methods: fastinf EK-FAC, fastinf TracIn (exact, and projected), Kronfluence EK-FAC when installed.
+Methods: fastinf EK-FAC, fastinf TracIn (exact, and projected), Kronfluence EK-FAC when installed,
+and ``fastinf.Ensemble`` of the EK-FACs of 5 independently seeded models (the first is the single
+model above; raw mean, and ``Ensemble.balanced`` weights).
 Results are appended to bench/results/quality.csv.
 
 Usage: python bench/quality/lds.py [--subsets 50] [--quick]
@@ -125,9 +127,26 @@ def kronfluence_scores(model, train, query, n_train):
     return pair, self_
 
 
-def method_scores(name, model, ckpts, train, query):
+ENSEMBLE = 5
+
+
+def ensemble_members(model, train, seed):
+    """EK-FACs of ``model`` and of ENSEMBLE - 1 more models trained with other seeds."""
+    models = [model]
+    for i in range(1, ENSEMBLE):
+        models.append(demo.make_model(seed + 1000 * i))
+        demo.train(models[-1], *train, epochs=EPOCHS, lr=LR, seed=seed + 1000 * i)
+    return [fastinf.EKFAC(m, demo.loss_fn, progress=False).fit(train, batch_size=256)
+            for m in models]
+
+
+def method_scores(name, model, ckpts, train, query, members=None):
     loss_fn = demo.loss_fn
-    if name == "ekfac":
+    if name == f"ekfac-ensemble{ENSEMBLE}":
+        alg = fastinf.Ensemble(members)
+    elif name == f"ekfac-ensemble{ENSEMBLE}-balanced":
+        alg = fastinf.Ensemble.balanced(members, train, batch_size=256)
+    elif name == "ekfac":
         alg = fastinf.EKFAC(model, loss_fn, progress=False)
         alg.fit(train, batch_size=256)
     elif name == "tracin":
@@ -153,7 +172,8 @@ def main():
     if args.quick:
         args.subsets, args.n_test = 10, 50
     torch.manual_seed(args.seed)
-    methods = ["ekfac", "tracin", "tracin-proj", "kronfluence"]
+    methods = ["ekfac", "tracin", "tracin-proj", "kronfluence", f"ekfac-ensemble{ENSEMBLE}",
+               f"ekfac-ensemble{ENSEMBLE}-balanced"]
     rows = []
     # LDS on clean labels, mislabel detection at 10 % noise.
     for task, noise in (("lds", 0.0), ("mislabel", 0.1)):
@@ -164,9 +184,12 @@ def main():
         train, query = (Xtr, ytr), (Xte[: args.n_test], yte[: args.n_test])
         if task == "lds":
             masks, losses = retrain_losses(Xtr, ytr, Xte, yte, args.subsets, args.seed, args.n_test)
+        t = time.perf_counter()
+        members = ensemble_members(model, train, args.seed)
+        members_s = time.perf_counter() - t  # training + fitting the ensemble's members
         for name in methods:
-            t = time.perf_counter()
-            res = method_scores(name, model, ckpts, train, query)
+            t = time.perf_counter() - (members_s if name.startswith("ekfac-ensemble") else 0.0)
+            res = method_scores(name, model, ckpts, train, query, members)
             if res is None:
                 print(f"{name}: not installed, skipped")
                 continue
