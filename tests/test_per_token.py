@@ -13,6 +13,15 @@ from fastinf import layers
 from _models import TinyTransformer, tf_loss, token_data
 
 torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many tiny passes: one intra-op thread avoids oversubscription on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 L = 7      # sequence length; the model sees T = L - 1 input tokens
 
 
