@@ -11,17 +11,10 @@ from torch import nn
 import fastinf
 from fastinf import layers
 from _models import TinyTransformer, tf_loss, token_data
+from _models import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 torch.set_default_dtype(torch.float32)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny passes: one intra-op thread avoids oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 L = 7      # sequence length; the model sees T = L - 1 input tokens
 
 

@@ -8,17 +8,10 @@ import torch
 import fastinf
 import fastinf.scoring as scoring
 from _models import TinyTransformer, tf_loss, token_data
+from _models import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 torch.set_default_dtype(torch.float32)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny passes: one intra-op thread avoids oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _case(seed=0, n=20, nq=11):
