@@ -189,6 +189,7 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
     at a time. ``query_batch_size=None``: the first ``batch_size`` queries are computed, their
     state's bytes per query measured, and the batch made as large as
     :func:`query_memory_bytes` allows (so with few or low-rank queries one batch holds all)."""
+    _check_batch_size(batch_size)
     _check_query_batch_size(query_batch_size)
     Q = num_examples(query, "query")
     if Q == 0:
