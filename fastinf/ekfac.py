@@ -224,7 +224,9 @@ class EKFAC:
             raise ValueError(f"query_rank must be None or a positive int, got {query_rank!r}")
 
     def pairwise_scores(self, query, train, batch_size: int = 64, query_rank: Optional[int] = None,
-                        measurement_fn: Optional[Callable] = None) -> torch.Tensor:
+                        measurement_fn: Optional[Callable] = None, *,
+                        query_batch_size: Optional[int] = None, per_token: bool = False,
+                        per_module: bool = False):
         """``[n_query, n_train]`` float32 influence scores ``Σ_layers ⟨H⁻¹D_q, D_n⟩`` (CPU).
 
         ``train``: data, or a :class:`fastinf.GradientStore` built with this method (no
@@ -232,22 +234,34 @@ class EKFAC:
         gradient by its rank-r truncated SVD (``score_factored``, or ``score_dense`` against the
         rank-r matrix where that needs fewer FLOPs); None is exact (``score_dense``). Under ``torch.distributed`` the train side is split across ranks and
         every rank returns the full matrix.
+
+        ``query_batch_size``: queries scored at a time (None: as many as the query memory budget
+        ``FASTINF_QUERY_MEMORY_MB``, default 1024, holds — ``Σ_layers dout·din`` numbers per
+        query, ``r·(din+dout)`` with ``query_rank=r``); the train side is recomputed per query
+        batch unless ``train`` is a store. ``per_token=True``: ``[n_query, n_train, T]`` scores
+        per train token (masked tokens 0; summing over T gives the pairwise scores; every tracked
+        layer must see the same T tokens). ``per_module=True``: ``{module name: scores}`` summing
+        to the total. See docs/ekfac.md.
         """
         self._check_rank("pairwise_scores", query_rank)
         return scoring.pairwise(self, query, train, batch_size, measurement_fn=measurement_fn,
-                                query_rank=query_rank)
+                                query_batch_size=query_batch_size, per_token=per_token,
+                                per_module=per_module, query_rank=query_rank)
 
     def top_influences(self, query, train, k: int = 10, largest: bool = True,
                        train_indices=None, batch_size: int = 64, query_rank: Optional[int] = None,
-                       measurement_fn: Optional[Callable] = None):
+                       measurement_fn: Optional[Callable] = None, *,
+                       query_batch_size: Optional[int] = None):
         """``(values [n_query, k], indices [n_query, k])``: the k most (``largest=False``: least)
         influential training examples per query, streamed over the store's shards (or chunks of
         ``train``): memory bounded by k, the queries and one shard, never n_query × n_train.
         ``train_indices``: one index tensor for all queries or a list of one per query, restricting
-        the candidates; missing candidates give ``nan`` / ``-1``."""
+        the candidates; missing candidates give ``nan`` / ``-1``. ``query_batch_size`` as in
+        :meth:`pairwise_scores` (each query batch keeps its own running top-k)."""
         self._check_rank("top_influences", query_rank)
         return scoring.top_influences(self, query, train, k, largest, train_indices, batch_size,
-                                      measurement_fn=measurement_fn, query_rank=query_rank)
+                                      measurement_fn=measurement_fn,
+                                      query_batch_size=query_batch_size, query_rank=query_rank)
 
     def self_scores(self, train, batch_size: int = 64) -> torch.Tensor:
         """``[n_train]`` float32 self-influence ``Σ_layers ⟨H⁻¹D_n, D_n⟩`` (CPU; from a store:

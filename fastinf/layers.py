@@ -136,10 +136,14 @@ class Query:
         return self.use_dense
 
 
-def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = None
-          ) -> torch.Tensor:
-    """``[B, Q]`` ``⟨D_q, D_n⟩_F`` of a train record against the queries, computed in ``dtype``."""
+def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = None,
+          per_token: bool = False) -> torch.Tensor:
+    """``[B, Q]`` ``⟨D_q, D_n⟩_F`` of a train record against the queries, computed in ``dtype``;
+    ``per_token=True``: ``[B, Q, T]`` the terms of that sum per train token (see
+    :func:`score_tokens`)."""
     r = q.rec
+    if per_token:
+        return score_tokens(train, q, dtype)
     if isinstance(r, Projected):
         return train.X.to(dtype) @ r.X.to(dtype).T
     if isinstance(train, DenseLayer):
@@ -152,24 +156,82 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
     return s.to(dtype)
 
 
+def score_tokens(train: Record, q: Query, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Q, T]`` per-token scores ``g_{n,t}ᵀ M_q a_{n,t}`` (``M_q`` the query's dense form),
+    or ``Σ_s (a_{n,t}·v_{q,s})(g_{n,t}·u_{q,s})`` against factor queries; masked tokens are 0 and
+    the sum over T is :func:`score`. Plain torch on example tiles bounded by the workspace (the
+    ops have no per-token variant yet). Only factor train records hold tokens."""
+    if not isinstance(train, LayerBatch):
+        what = ("a dense per-example gradient (a store with layout 'dense' for this layer)"
+                if isinstance(train, DenseLayer) else "a projected gradient (a projection)")
+        raise ValueError(f"per_token=True needs the train side's token factors, but the record is "
+                         f"{what}; use data, or a store built with layout='factors' and no "
+                         "projection")
+    if isinstance(q.rec, Projected):
+        raise ValueError("per_token=True needs per-layer query records, not a projection")
+    A = c.mask_rows(train.A.detach().to(dtype), train.mask)
+    G = c.mask_rows(train.G.detach().to(dtype), train.mask)
+    B, T, din = A.shape
+    dout = G.shape[2]
+    factors = isinstance(q.rec, LayerBatch) and not q._prefer_dense(train)
+    if factors:
+        V = c.mask_rows(q.rec.A.to(dtype), q.rec.mask)          # [Q, S, din]
+        U = c.mask_rows(q.rec.G.to(dtype), q.rec.mask)          # [Q, S, dout]
+        Q, S = V.shape[:2]
+        per = 2 * T * Q * S
+    else:
+        M = q.dense().to(dtype)                                 # [Q, dout, din]
+        Q = M.shape[0]
+        per = T * Q * dout
+    out = torch.empty(B, Q, T, dtype=dtype, device=A.device)
+    nb = c.chunk(B, per * torch.finfo(dtype).bits // 8)
+    for b0 in range(0, B, nb):
+        a, g = A[b0:b0 + nb], G[b0:b0 + nb]
+        if factors:
+            ka = torch.einsum("btd,qsd->bqts", a, V)
+            kg = torch.einsum("bte,qse->bqts", g, U)
+            out[b0:b0 + nb] = (ka * kg).sum(3)
+        else:
+            Ma = torch.einsum("qed,btd->bqte", M, a)            # M_q a_t
+            out[b0:b0 + nb] = (Ma * g[:, None]).sum(3)
+    return out
+
+
 # --------------------------------------------------------------------------- encoding
 def pack_factors(lb: LayerBatch, dtype: torch.dtype):
-    """``(A_flat [ntok, din], G_flat [ntok, dout], offsets [B+1])``, masked tokens dropped."""
+    """``(A_flat [ntok, din], G_flat [ntok, dout], offsets [B+1], positions [ntok], lengths [B])``,
+    masked tokens dropped; ``positions`` (int32) is each kept token's index in its example and
+    ``lengths`` (int32) the examples' token count before masking (what per-token scores need)."""
     B, T, _ = lb.A.shape
     keep = torch.ones(B, T, dtype=torch.bool, device=lb.A.device) if lb.mask is None else lb.mask
+    keep = keep.cpu()
     offsets = torch.zeros(B + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(keep.sum(1).cpu().to(torch.int64), 0)
-    return lb.A.detach()[keep].to(dtype).cpu(), lb.G.detach()[keep].to(dtype).cpu(), offsets
+    offsets[1:] = torch.cumsum(keep.sum(1).to(torch.int64), 0)
+    pos = torch.arange(T, dtype=torch.int32).expand(B, T)[keep].contiguous()
+    lengths = torch.full((B,), T, dtype=torch.int32)
+    keep = keep.to(lb.A.device)
+    return (lb.A.detach()[keep].to(dtype).cpu(), lb.G.detach()[keep].to(dtype).cpu(), offsets,
+            pos, lengths)
 
 
-def unpack_factors(A: torch.Tensor, G: torch.Tensor, offsets: torch.Tensor, device) -> LayerBatch:
-    """Padded ``LayerBatch`` ``[B, Tmax, ·]`` (mask None when every example has Tmax tokens)."""
+def unpack_factors(A: torch.Tensor, G: torch.Tensor, offsets: torch.Tensor, device,
+                   positions: Optional[torch.Tensor] = None,
+                   lengths: Optional[torch.Tensor] = None) -> LayerBatch:
+    """Padded ``LayerBatch`` ``[B, Tmax, ·]`` (mask None when every example has Tmax tokens);
+    with ``positions`` and ``lengths`` the tokens go back to their places ``[B, max length, ·]``
+    (masked tokens zero, as captured)."""
     counts = offsets[1:] - offsets[:-1]
     B = counts.numel()
-    Tm = int(counts.max()) if B else 0
-    if B and bool((counts == Tm).all()):
-        return LayerBatch(A.reshape(B, Tm, -1).to(device), G.reshape(B, Tm, -1).to(device), None)
-    mask = torch.arange(Tm)[None, :] < counts[:, None]
+    if positions is not None:
+        Tm = int(lengths.max()) if B else 0
+        mask = torch.zeros(B, Tm, dtype=torch.bool)
+        mask[torch.repeat_interleave(torch.arange(B), counts), positions.long()] = True
+    else:
+        Tm = int(counts.max()) if B else 0
+        if B and bool((counts == Tm).all()):
+            return LayerBatch(A.reshape(B, Tm, -1).to(device), G.reshape(B, Tm, -1).to(device),
+                              None)
+        mask = torch.arange(Tm)[None, :] < counts[:, None]
     Ap = A.new_zeros(B, Tm, A.shape[1])
     Gp = G.new_zeros(B, Tm, G.shape[1])
     Ap[mask] = A
@@ -194,24 +256,34 @@ def encode(prefix: str, records: Dict[str, Record], layouts: Dict[str, str],
         if isinstance(rec, Projected):
             out[key] = rec.X.detach().float().cpu()
         elif layouts[part] == "factors":
-            out[f"{key}/A"], out[f"{key}/G"], out[f"{key}/offsets"] = pack_factors(rec, dtype)
+            (out[f"{key}/A"], out[f"{key}/G"], out[f"{key}/offsets"], out[f"{key}/positions"],
+             out[f"{key}/lengths"]) = pack_factors(rec, dtype)
         else:
             out[f"{key}/D"] = rec.dense().to(dtype).cpu()
     return out
 
 
 def decode(tensors: Dict[str, torch.Tensor], prefix: str, names, layouts: Dict[str, str],
-           device) -> Dict[str, Record]:
+           device, tokens: bool = False) -> Dict[str, Record]:
     """Inverse of :func:`encode`: ``{"proj": Projected}`` where the shard holds ``<prefix>/proj``,
-    else ``{name: LayerBatch | DenseLayer}`` for ``names`` (in that order)."""
+    else ``{name: LayerBatch | DenseLayer}`` for ``names`` (in that order). ``tokens=True``
+    puts factor tokens back at their positions (for per-token scores; ValueError for a store
+    written before positions were kept)."""
     if f"{prefix}/proj" in tensors:
         return {"proj": Projected(tensors[f"{prefix}/proj"].to(device))}
     out = {}
     for n in names:
         key = f"{prefix}/{n}"
         if layouts[n] == "factors":
+            pos = lengths = None
+            if tokens:
+                if f"{key}/positions" not in tensors:
+                    raise ValueError(f"per_token=True: the store does not hold the token positions "
+                                     f"of layer {n!r} (it was built by an older fastinf); rebuild "
+                                     "it to get per-token scores")
+                pos, lengths = tensors[f"{key}/positions"], tensors[f"{key}/lengths"]
             out[n] = unpack_factors(tensors[f"{key}/A"], tensors[f"{key}/G"],
-                                    tensors[f"{key}/offsets"], device)
+                                    tensors[f"{key}/offsets"], device, pos, lengths)
         else:
             out[n] = DenseLayer(tensors[f"{key}/D"].to(device))
     return out

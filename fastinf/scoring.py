@@ -29,6 +29,7 @@ Results come back as float32 on the CPU.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, List, Sequence
 
 import torch
@@ -38,10 +39,12 @@ from . import distributed as dist
 from ._pass import factor_pass, model_device, progress_bar
 from .capture import layer_shape
 from .data import _check_batch_size, num_examples
-from .layers import Query, cat_parts, cat_records, choose_layouts, decode, encode, score
+from .layers import (Projected, Query, cat_parts, cat_records, choose_layouts, decode, encode,
+                     score)
 from .store import Store, StoreWriter, hash_state
 
-__all__ = ["GradientStore", "pairwise", "top_influences", "self_scores", "query_state"]
+__all__ = ["GradientStore", "pairwise", "top_influences", "self_scores", "query_state",
+           "query_batches"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -65,13 +68,52 @@ def _pass(method, data, batch_size, name, measurement_fn=None):
                        progress=method.progress, what=what, name=name)
 
 
-def _sum_scores(method, records, state) -> torch.Tensor:
-    """``[B, Q]``: the parts of one train batch scored against the queries and summed."""
-    total = None
+def _sum_scores(method, records, state, per_module=False, per_token=False
+                ) -> Dict[str, torch.Tensor]:
+    """``{"": [B, Q]}`` the parts of one train batch scored against the queries and summed;
+    ``per_module``: one entry per part; ``per_token``: ``[B, Q, T]`` per train token."""
+    out: Dict[str, torch.Tensor] = {}
+    T = None
     for part, rec in records.items():
-        s = score(rec, state[part], method.dtype, method.backend)
-        total = s if total is None else total + s
-    return total
+        if (per_module or per_token) and isinstance(rec, Projected):
+            _no_projection(per_module, per_token)
+        s = score(rec, state[part], method.dtype, method.backend, per_token=per_token)
+        if per_token:
+            if T is not None and s.shape[2] != T[1]:
+                raise ValueError(
+                    f"per_token=True needs every tracked layer to see the same tokens, but "
+                    f"{T[0]!r} sees {T[1]} per example and {part!r} sees {s.shape[2]} (e.g. a head "
+                    "on a pooled vector, a convolution, or a module called several times); pass "
+                    "modules=[...] with the layers of one token sequence")
+            T = (part, s.shape[2])
+        key = part if per_module else ""
+        out[key] = s if key not in out else out[key] + s
+    return out
+
+
+def _no_projection(per_module, per_token):
+    what = "per_token=True" if per_token else "per_module=True"
+    raise ValueError(f"{what} is not available with a projection: the projected gradients of "
+                     "all layers are one record (a RandomProjection mixes layers and tokens, a "
+                     "KroneckerProjection keeps no tokens and is stored as one block); use "
+                     "projection=None")
+
+
+def _add_block(out: Dict[str, torch.Tensor], block: Dict[str, torch.Tensor], off: int, n: int,
+               w: float = 1.0) -> None:
+    """``out[key][:, off:off+B] += w · block[key]`` for blocks ``[Q, B]`` or ``[Q, B, T]``
+    (``out`` allocated ``[Q, n(, T)]`` on first use, its T grown to the longest block)."""
+    for k, v in block.items():
+        cur = out.get(k)
+        if cur is None:
+            cur = v.new_zeros((v.shape[0], n) + tuple(v.shape[2:]))
+        elif v.dim() == 3 and v.shape[2] > cur.shape[2]:
+            cur = torch.nn.functional.pad(cur, (0, v.shape[2] - cur.shape[2]))
+        tgt = cur[:, off:off + v.shape[1]]
+        if v.dim() == 3:
+            tgt = tgt[:, :, :v.shape[2]]
+        tgt += w * v.to(cur.device)
+        out[k] = cur
 
 
 def _sum_self(method, records) -> torch.Tensor:
@@ -112,37 +154,119 @@ def _n_query(state) -> int:
     return len(next(iter(state[0].values())))
 
 
+def query_memory_bytes() -> int:
+    """The query side's memory budget (env ``FASTINF_QUERY_MEMORY_MB``, default 1024)."""
+    return int(float(os.environ.get("FASTINF_QUERY_MEMORY_MB", "1024")) * 2**20)
+
+
+def _state_bytes(state) -> int:
+    """Bytes held by the records of a query state (all terms and parts)."""
+    n = 0
+    for st in state:
+        for q in st.values():
+            r = q.rec
+            for t in (getattr(r, f, None) for f in ("A", "G", "mask", "D", "X")):
+                if isinstance(t, torch.Tensor):
+                    n += t.numel() * t.element_size()
+    return n
+
+
+def _slice(data, start, stop, n):
+    return data if (start, stop) == (0, n) else subset(data, start, stop)
+
+
+def _check_query_batch_size(query_batch_size):
+    if query_batch_size is not None and (isinstance(query_batch_size, bool) or
+                                         not isinstance(query_batch_size, int)
+                                         or query_batch_size < 1):
+        raise ValueError(f"query_batch_size must be None (from the memory budget) or a positive "
+                         f"int, got {query_batch_size!r}")
+
+
+def query_batches(method, query, batch_size: int, query_batch_size=None, measurement_fn=None,
+                  **options):
+    """Yields ``(q0, state)``: the query state of queries ``[q0, q0 + len)``, one query batch
+    at a time. ``query_batch_size=None``: the first ``batch_size`` queries are computed, their
+    state's bytes per query measured, and the batch made as large as
+    :func:`query_memory_bytes` allows (so with few or low-rank queries one batch holds all)."""
+    _check_batch_size(batch_size)
+    _check_query_batch_size(query_batch_size)
+    Q = num_examples(query, "query")
+    if Q == 0:
+        raise ValueError("'query' is empty: nothing to compute")
+    first = min(Q, batch_size if query_batch_size is None else query_batch_size)
+    state = query_state(method, _slice(query, 0, first, Q), batch_size, measurement_fn, **options)
+    qbs = query_batch_size
+    if qbs is None:
+        per = max(1, _state_bytes(state) // first)
+        qbs = max(first, query_memory_bytes() // per)
+        if qbs < Q and qbs > batch_size:
+            qbs = qbs // batch_size * batch_size       # whole capture batches
+    q0, q1 = 0, first
+    while q0 < Q:
+        stop = min(Q, q0 + qbs)
+        if q1 < stop:      # complete the batch
+            more = query_state(method, _slice(query, q1, stop, Q), batch_size, measurement_fn,
+                               **options)
+            state = [{p: Query(cat_records([st[p].rec, mo[p].rec])) for p in st}
+                     for st, mo in zip(state, more)]
+            del more
+        yield q0, state
+        state = None
+        q0 = q1 = stop
+        if q0 < Q:
+            q1 = min(Q, q0 + qbs)
+            state = query_state(method, _slice(query, q0, q1, Q), batch_size, measurement_fn,
+                                **options)
+
+
 # --------------------------------------------------------------------------- train side
-def _data_block(method, state, data, batch_size) -> torch.Tensor:
-    """``[Q, n]`` scores against ``data`` by a gradient pass per term."""
-    out = None
+def _data_block(method, state, data, batch_size, **how) -> Dict[str, torch.Tensor]:
+    """``{key: [Q, n(, T)]}`` scores against ``data`` by a gradient pass per term."""
+    out: Dict[str, torch.Tensor] = {}
+    n = num_examples(data)
     for (m, w, at), st in zip(method.terms(), state):
         with at():
             for off, layers in _pass(m, data, batch_size, "train"):
-                s = w * _sum_scores(m, m.train_layers(layers), st).T
-                out = s.new_zeros(s.shape[0], num_examples(data)) if out is None else out
-                out[:, off:off + s.shape[1]] += s.to(out.device)
+                s = _sum_scores(m, m.train_layers(layers), st, **how)
+                _add_block(out, {k: v.transpose(0, 1) for k, v in s.items()}, off, n, w)
     return out
 
 
-def _shard_block(method, state, store: Store, i: int) -> torch.Tensor:
-    """``[Q, n_shard]`` scores against shard ``i`` of a store."""
+def _shard_block(method, state, store: Store, i: int, **how) -> Dict[str, torch.Tensor]:
+    """``{key: [Q, n_shard(, T)]}`` scores against shard ``i`` of a store."""
     tensors = store.read_shard(i)
-    out = None
+    out: Dict[str, torch.Tensor] = {}
+    n = store.shards[i]["stop"] - store.shards[i]["start"]
     for c, ((m, w, _), st) in enumerate(zip(method.terms(), state)):
-        recs = decode(tensors, f"c{c}", m.modules, store.layouts, model_device(m.model))
-        s = w * _sum_scores(m, recs, st).T
-        out = s if out is None else out + s.to(out.device)
+        recs = decode(tensors, f"c{c}", m.modules, store.layouts, model_device(m.model),
+                      tokens=how.get("per_token", False))
+        s = _sum_scores(m, recs, st, **how)
+        _add_block(out, {k: v.transpose(0, 1) for k, v in s.items()}, 0, n, w)
     return out
 
 
-def _train_blocks(method, state, train, batch_size, chunk):
-    """Yields ``(offset, scores [Q, B])`` blocks of this rank's part of the train side."""
+def _check_store_for(store: Store, per_module: bool, per_token: bool) -> None:
+    """A clear error before any work where the store lacks what the requested scores need."""
+    if not (per_module or per_token):
+        return
+    if "proj" in store.layouts or not store.layouts:
+        _no_projection(per_module, per_token)
+    dense = [k for k, v in store.layouts.items() if v != "factors"]
+    if per_token and dense:
+        raise ValueError(f"per_token=True needs the train tokens, but the store keeps layer(s) "
+                         f"{dense} as dense per-example gradients (layout 'dense'); rebuild it "
+                         "with GradientStore.build(..., layout='factors') or score from data")
+
+
+def _train_blocks(method, state, train, batch_size, chunk, **how):
+    """Yields ``(offset, {key: scores [Q, B(, T)]})`` blocks of this rank's part of the train
+    side (``how``: ``per_module`` / ``per_token`` of :func:`_sum_scores`)."""
     if isinstance(train, Store):
         check_store(train, method)
         for i, s in enumerate(train.shards):
             if dist.mine(i):
-                yield s["start"], _shard_block(method, state, train, i)
+                yield s["start"], _shard_block(method, state, train, i, **how)
         return
     n = num_examples(train)
     # contiguous split across ranks, aligned to batches, then chunks bound the memory
@@ -152,23 +276,47 @@ def _train_blocks(method, state, train, batch_size, chunk):
     chunk = max(batch_size, chunk // batch_size * batch_size)
     for start in range(lo, hi, chunk):
         stop = min(hi, start + chunk)
-        data = train if (start, stop) == (0, n) else subset(train, start, stop)
-        yield start, _data_block(method, state, data, batch_size)
+        yield start, _data_block(method, state, _slice(train, start, stop, n), batch_size, **how)
 
 
 # --------------------------------------------------------------------------- outputs
-def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None, **options
-             ) -> torch.Tensor:
-    """``[n_query, n_train]`` float32 scores (CPU); every rank returns the full matrix."""
-    state = query_state(method, query, batch_size, measurement_fn, **options)
+def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
+             query_batch_size=None, per_module: bool = False, per_token: bool = False,
+             **options):
+    """``[n_query, n_train]`` float32 scores (CPU); every rank returns the full matrix.
+
+    Queries are scored ``query_batch_size`` at a time (see :func:`query_batches`); the train
+    side is recomputed per query batch unless it is a store. ``per_token``: ``[Q, N, T]``
+    (T: the most tokens of a train example; masked and missing tokens 0); ``per_module``:
+    ``{module name: scores}`` (with ``per_token`` each ``[Q, N, T]``).
+    """
+    for name, v in (("per_module", per_module), ("per_token", per_token)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    if isinstance(train, Store):
+        _check_store_for(train, per_module, per_token)
     n = num_examples(train)
-    out = torch.zeros(_n_query(state), n, dtype=torch.float32)
-    blocks = [(o, b.float().cpu())
-              for o, b in _train_blocks(method, state, train, batch_size, chunk=max(n, 1))]
-    for part in dist.all_gather_object(blocks):
-        for o, b in part:
-            out[:, o:o + b.shape[1]] = b
-    return out
+    parts: List[str] = []
+    out: Dict[str, torch.Tensor] = {}
+    Q = num_examples(query, "query")
+    for q0, state in query_batches(method, query, batch_size, query_batch_size, measurement_fn,
+                                   **options):
+        if per_module or per_token:
+            if any(isinstance(q.rec, Projected) for st in state for q in st.values()):
+                _no_projection(per_module, per_token)
+        blocks = [(o, {k: v.float().cpu() for k, v in b.items()})
+                  for o, b in _train_blocks(method, state, train, batch_size, max(n, 1),
+                                            per_module=per_module, per_token=per_token)]
+        rows: Dict[str, torch.Tensor] = {}
+        for part in dist.all_gather_object(blocks):
+            for o, b in part:
+                _add_block(rows, b, o, n)
+        for k, v in rows.items():
+            _add_block(out, {k: v.transpose(0, 1)}, q0, Q)    # rows q0.. of [Q, n(, T)]
+        parts = list(state[0])
+        del state, blocks, rows      # the next query batch is computed without this one
+    out = {k: v.transpose(0, 1).contiguous() for k, v in out.items()}
+    return {p: out[p] for p in parts} if per_module else out[""]
 
 
 def _normalize_indices(train_indices, Q, n):
@@ -198,40 +346,50 @@ def _normalize_indices(train_indices, Q, n):
 
 
 def top_influences(method, query, train, k: int = 10, largest: bool = True, train_indices=None,
-                   batch_size: int = 64, *, chunk: int = 4096, measurement_fn=None, **options):
-    """``(values [Q, k], indices [Q, k])`` streamed over shards / chunks of ``train``.
+                   batch_size: int = 64, *, chunk: int = 4096, measurement_fn=None,
+                   query_batch_size=None, **options):
+    """``(values [Q, k], indices [Q, k])`` streamed over shards / chunks of ``train``, per query
+    batch (see :func:`query_batches`).
 
-    Memory: the query state, one shard (or chunk) of scores ``[Q, chunk]`` and the running
-    top-k. Where a query has fewer than k candidates the tail is ``nan`` / index ``-1``.
+    Memory: one query batch's state, one shard (or chunk) of scores ``[query batch, chunk]`` and
+    the running top-k. Where a query has fewer than k candidates the tail is ``nan`` / ``-1``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    state = query_state(method, query, batch_size, measurement_fn, **options)
-    Q = _n_query(state)
+    Q = num_examples(query, "query")
     n = num_examples(train)
     allowed = _normalize_indices(train_indices, Q, n)     # bool [1|Q, n] (n bits, not n×Q scores)
     fill = float("-inf") if largest else float("inf")
-    vals = torch.full((Q, 0), fill)
-    idxs = torch.zeros((Q, 0), dtype=torch.int64)
-    for off, block in _train_blocks(method, state, train, batch_size, chunk):
-        block = block.float().cpu()
-        B = block.shape[1]
-        if allowed is not None:
-            block = block.masked_fill(~allowed[:, off:off + B], fill)
-        cand_v = torch.cat([vals, block], 1)
-        cand_i = torch.cat([idxs, torch.arange(off, off + B).expand(Q, B)], 1)
-        vals, pos = torch.topk(cand_v, min(k, cand_v.shape[1]), dim=1, largest=largest)
-        idxs = torch.gather(cand_i, 1, pos)
-    parts = dist.all_gather_object((vals, idxs))
-    if len(parts) > 1:
-        vals = torch.cat([p[0] for p in parts], 1)
-        idxs = torch.cat([p[1] for p in parts], 1)
-        vals, pos = torch.topk(vals, min(k, vals.shape[1]), dim=1, largest=largest)
-        idxs = torch.gather(idxs, 1, pos)
-    if vals.shape[1] < k:
-        pad = k - vals.shape[1]
-        vals = torch.cat([vals, torch.full((Q, pad), fill)], 1)
-        idxs = torch.cat([idxs, torch.full((Q, pad), -1, dtype=torch.int64)], 1)
+    vals_all, idxs_all = [], []
+    for q0, state in query_batches(method, query, batch_size, query_batch_size, measurement_fn,
+                                   **options):
+        nq = _n_query(state)
+        ok = None if allowed is None else allowed if allowed.shape[0] == 1 else allowed[q0:q0 + nq]
+        vals = torch.full((nq, 0), fill)
+        idxs = torch.zeros((nq, 0), dtype=torch.int64)
+        for off, block in _train_blocks(method, state, train, batch_size, chunk):
+            block = block[""].float().cpu()
+            B = block.shape[1]
+            if ok is not None:
+                block = block.masked_fill(~ok[:, off:off + B], fill)
+            cand_v = torch.cat([vals, block], 1)
+            cand_i = torch.cat([idxs, torch.arange(off, off + B).expand(nq, B)], 1)
+            vals, pos = torch.topk(cand_v, min(k, cand_v.shape[1]), dim=1, largest=largest)
+            idxs = torch.gather(cand_i, 1, pos)
+        parts = dist.all_gather_object((vals, idxs))
+        if len(parts) > 1:
+            vals = torch.cat([p[0] for p in parts], 1)
+            idxs = torch.cat([p[1] for p in parts], 1)
+            vals, pos = torch.topk(vals, min(k, vals.shape[1]), dim=1, largest=largest)
+            idxs = torch.gather(idxs, 1, pos)
+        if vals.shape[1] < k:
+            pad = k - vals.shape[1]
+            vals = torch.cat([vals, torch.full((nq, pad), fill)], 1)
+            idxs = torch.cat([idxs, torch.full((nq, pad), -1, dtype=torch.int64)], 1)
+        vals_all.append(vals)
+        idxs_all.append(idxs)
+        del state
+    vals, idxs = torch.cat(vals_all), torch.cat(idxs_all)
     invalid = torch.isinf(vals) & (vals == fill)
     return vals.masked_fill(invalid, float("nan")), idxs.masked_fill(invalid, -1)
 

@@ -289,23 +289,32 @@ class TracIn:
 
     # ------------------------------------------------------------------ public API
     def pairwise_scores(self, query, train, batch_size: int = 64,
-                        measurement_fn: Optional[Callable] = None) -> torch.Tensor:
+                        measurement_fn: Optional[Callable] = None, *,
+                        query_batch_size: Optional[int] = None, per_token: bool = False,
+                        per_module: bool = False):
         """TracIn scores ``[n_query, n_train]`` (float32, CPU).
 
         ``train``: data, or a :class:`fastinf.GradientStore` built with this TracIn (no training
         gradient pass then). ``measurement_fn(model, batch) -> [B]`` replaces ``loss_fn`` for the
         queries. Under ``torch.distributed`` every rank returns the full matrix.
+        ``query_batch_size``, ``per_token`` (``[n_query, n_train, T]``) and ``per_module``
+        (``{module name: scores}``) as in :meth:`fastinf.EKFAC.pairwise_scores`; per-token and
+        per-module scores need ``projection=None``.
         """
-        return scoring.pairwise(self, query, train, batch_size, measurement_fn=measurement_fn)
+        return scoring.pairwise(self, query, train, batch_size, measurement_fn=measurement_fn,
+                                query_batch_size=query_batch_size, per_token=per_token,
+                                per_module=per_module)
 
     def top_influences(self, query, train, k: int = 10, largest: bool = True,
                        train_indices=None, batch_size: int = 64,
-                       measurement_fn: Optional[Callable] = None):
+                       measurement_fn: Optional[Callable] = None, *,
+                       query_batch_size: Optional[int] = None):
         """``(values [n_query, k], indices [n_query, k])`` streamed over shards / chunks of
         ``train`` (memory bounded by k, the queries and one shard); see
         :meth:`fastinf.EKFAC.top_influences`."""
         return scoring.top_influences(self, query, train, k, largest, train_indices, batch_size,
-                                      measurement_fn=measurement_fn)
+                                      measurement_fn=measurement_fn,
+                                      query_batch_size=query_batch_size)
 
     def self_scores(self, train, batch_size: int = 64) -> torch.Tensor:
         """Self-influence ``Σ_c η_c ‖D_n^c‖²`` (projected when a projection is set), ``[n_train]``

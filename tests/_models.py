@@ -1,6 +1,7 @@
 """Small models, losses and token data shared by the method and store tests."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,3 +43,13 @@ def token_data(g, n, L=7):
     lens = torch.randint(2, L + 1, (n,), generator=g)
     mask = torch.arange(L)[None] < lens[:, None]
     return torch.where(mask, tok, 0), mask, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """For modules running many tiny passes (import it into the module): one intra-op thread
+    avoids oversubscription on a shared machine (100x faster on 2 loaded cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
