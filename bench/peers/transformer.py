@@ -18,6 +18,10 @@ calls), and its peak RSS is the child's ``ru_maxrss`` (``os.wait4``), so runs do
 each other. "setup" is the child's peak RSS before the step (imports, model, data); "step" is the
 peak minus setup.
 
+Install: kronfluence 1.0.1 declares torchvision, which pip would pair with a different torch; keep
+yours with `pip install kronfluence==1.0.1 --no-deps` plus `pip install accelerate einops einconv
+opt_einsum transformers peft -c <(pip freeze | grep ^torch==)`.
+
 Usage: PYTHONPATH=. python bench/peers/transformer.py [--small] [--cases transformer,gpt2,llama]
 Appends rows to bench/results/peers.csv (device, case, metric, fastinf, peer, ratio, shapes).
 """
