@@ -3,7 +3,6 @@
 transformers and peft are optional (the ``bench`` extra): each test skips with the reason when the
 package it needs is not installed. Blocks run in order in one namespace, as a reader would.
 """
-import inspect
 import re
 from pathlib import Path
 
@@ -51,11 +50,8 @@ def test_gpt2_example():
 def test_gpt2_conv1d_layers_tracked_by_default():
     ns = _run(DATA, GPT2)
     conv1d = [n for n, m in ns["gpt2"].named_modules() if type(m).__name__ == "Conv1D"]
-    tracked = list(getattr(ns["ek"], "tracked_modules", None) or ns["ek"].modules)
-    if tracked == ["lm_head"]:
-        pytest.skip("this fastinf does not track transformers' Conv1D yet (issue 11 item 1); "
-                    "docs/huggingface.md says so")
-    assert set(conv1d) <= set(tracked)
+    tracked = list(ns["ek"].modules)
+    assert conv1d and set(conv1d) <= set(tracked)
 
 
 def test_llama_example_excludes_lm_head_and_padding_matters():
@@ -87,7 +83,4 @@ def test_lora_example_tracks_only_adapters():
 
 
 def test_per_token_example():
-    if "per_token" not in inspect.signature(fastinf.EKFAC.pairwise_scores).parameters:
-        pytest.skip("EKFAC.pairwise_scores has no per_token= yet (issue 11 item 4); "
-                    "docs/huggingface.md marks the example as coming")
     _run(DATA, LLAMA, PER_TOKEN)
