@@ -11,6 +11,7 @@ Per tracked layer:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from typing import Callable, Dict, Optional
 
@@ -52,8 +53,9 @@ class EKFAC:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))
-                                    or not damping >= 0):
-            raise ValueError(f"damping must be None (heuristic) or a float >= 0, got {damping!r}")
+                                    or not math.isfinite(damping) or damping < 0):
+            raise ValueError("damping must be None (heuristic) or a finite float >= 0, got "
+                             f"{damping!r}")
         self.model = model
         self.loss_fn = loss_fn
         self.modules = tracked_modules(model, modules)
