@@ -61,6 +61,8 @@ class EKFAC:
         self.modules = tracked_modules(model, modules)
         self.damping = None if damping is None else float(damping)
         self.fisher_loss_fn = fisher_loss_fn or loss_fn
+        # errors of the fit passes name the argument the user gave
+        self._fisher_arg = "loss_fn" if fisher_loss_fn is None else "fisher_loss_fn"
         self.token_mask_fn = token_mask_fn
         self.progress = progress
         self.factors: Optional[Dict[str, dict]] = None
@@ -105,7 +107,7 @@ class EKFAC:
             cov[name] = dict(A=torch.zeros(din, din, dtype=dt, device=dev), nA=0,
                              S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0)
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn, "EK-FAC covariances",
-                                     "fisher_loss_fn", "train", select):
+                                     self._fisher_arg, "train", select):
             for name, lb in factors.items():
                 st = cov[name]
                 A = lb.A.reshape(-1, lb.din).to(dt)
@@ -131,7 +133,7 @@ class EKFAC:
         del cov
         n = 0
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
-                                     "EK-FAC eigenvalue correction", "fisher_loss_fn", "train",
+                                     "EK-FAC eigenvalue correction", self._fisher_arg, "train",
                                      select):
             for name, lb in factors.items():
                 L = layers[name]
