@@ -21,7 +21,7 @@ from torch import nn
 from . import distributed as dist
 from . import scoring
 from ._pass import factor_pass, model_device
-from .capture import layer_shape, tracked_modules
+from .capture import NonFiniteError, layer_shape, tracked_modules
 from .layers import DenseLayer, LayerBatch
 from .ops import _common as c
 from .ops.ekfac_lambda import ekfac_lambda
@@ -29,6 +29,51 @@ from .store import hash_state
 
 FORMAT = "fastinf.ekfac"
 VERSION = 1
+_OUT = "leave the layer out with modules=[...] (the tracked modules except it)"
+
+
+def _eigh(name, which, C, n, xmax):
+    """Eigendecomposition (float64) of the summed covariance ``C`` of ``n`` tokens; an overflow
+    (Inf/NaN) or a failed eigh is an error naming the layer and the cause."""
+    if not bool(torch.isfinite(C).all()):
+        raise NonFiniteError(
+            f"EK-FAC: the {which} covariance of layer {name!r} overflows in {C.dtype}: its "
+            f"{which}s reach |x| = {xmax:.3g}, and their squares summed over tokens exceed "
+            f"{torch.finfo(C.dtype).max:.3g}; scale the inputs or weights down, use a float64 "
+            f"model, or {_OUT}")
+    try:
+        return torch.linalg.eigh(C.double() / n)
+    except torch.linalg.LinAlgError as exc:
+        raise ValueError(f"EK-FAC: the eigendecomposition of the {which} covariance of layer "
+                         f"{name!r} failed ({exc}); largest |{which}| = {xmax:.3g}; {_OUT}"
+                         ) from exc
+
+
+def _check_denominator(name, L, heuristic, amax=None, gmax=None):
+    """``Λ + λ`` must be finite and invertible, else the layer's scores would be NaN/Inf."""
+    lam = L["lam"]
+    if not bool(torch.isfinite(lam).all()):
+        raise NonFiniteError(f"EK-FAC: the eigenvalue correction Λ of layer {name!r} overflows "
+                             f"in {lam.dtype}; scale the inputs or weights down, use a float64 "
+                             f"model, or {_OUT}")
+    if bool(torch.isfinite(1.0 / (lam + L["damping"])).all()):
+        return
+    if gmax == 0:
+        cause = ("its output gradient is exactly zero in every training example (the layer is "
+                 "called but its output does not reach the loss, or all its units are dead)")
+    elif amax == 0:
+        cause = "its inputs are exactly zero in every training example"
+    elif amax is not None:
+        cause = (f"its curvature underflows in {lam.dtype} (largest |input| {amax:.3g}, largest "
+                 f"|output gradient| {gmax:.3g}: Λ falls below {torch.finfo(lam.dtype).tiny:.3g};"
+                 " a float64 model avoids that)")
+    else:
+        cause = "its Λ has zeros"
+    how = " (the 0.1·mean(Λ) heuristic)" if heuristic else ""
+    raise ValueError(f"EK-FAC: layer {name!r} has Λ + damping = 0 (damping "
+                     f"{L['damping']:.3g}{how}) because {cause}; its scores would be NaN. "
+                     f"{_OUT[0].upper()}{_OUT[1:]}, or pass damping=<a float > 0> (a damping "
+                     "floor for every layer)")
 
 
 class EKFAC:
@@ -105,7 +150,8 @@ class EKFAC:
         for name, m in self.modules.items():
             dout, din = layer_shape(m)
             cov[name] = dict(A=torch.zeros(din, din, dtype=dt, device=dev), nA=0,
-                             S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0)
+                             S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0,
+                             amax=torch.zeros(2, dtype=torch.float64))
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn, "EK-FAC covariances",
                                      self._fisher_arg, "train", select):
             for name, lb in factors.items():
@@ -117,17 +163,21 @@ class EKFAC:
                 st["S"].addmm_(G.T, G)
                 st["nA"] += ntok
                 st["nS"] += ntok
+                st["amax"] = torch.maximum(st["amax"], torch.stack(
+                    [A.abs().max(), G.abs().max()]).double().cpu() if A.numel() else st["amax"])
         for st in cov.values():
             dist.all_reduce_sum_(st["A"])
             dist.all_reduce_sum_(st["S"])
             st["nA"] = dist.all_reduce_int(st["nA"])
             st["nS"] = dist.all_reduce_int(st["nS"])
+            dist.all_reduce_sum_(st["amax"])    # zero iff zero on every rank (messages only)
         layers = OrderedDict()
         for name, st in cov.items():
             nA, nS = max(st["nA"], 1), max(st["nS"], 1)
-            eA, QA = torch.linalg.eigh(st["A"].double() / nA)
-            eS, QS = torch.linalg.eigh(st["S"].double() / nS)
+            eA, QA = _eigh(name, "input", st["A"], nA, float(st["amax"][0]))
+            eS, QS = _eigh(name, "output-gradient", st["S"], nS, float(st["amax"][1]))
             layers[name] = dict(QA=QA.to(dt).contiguous(), QS=QS.to(dt).contiguous(),
+                                amax=st["amax"],
                                 eigA=eA, eigS=eS, nA=st["nA"],
                                 lam=torch.zeros(QS.shape[0], QA.shape[0], dtype=dt, device=dev))
         del cov
@@ -146,6 +196,7 @@ class EKFAC:
             L["lam"] /= max(n, 1)
             lam_d = 0.1 * float(L["lam"].double().mean()) if self.damping is None else self.damping
             L["damping"] = lam_d
+            _check_denominator(name, L, self.damping is None, *L.pop("amax").tolist())
         self.factors = layers
         self.n_fit = n
         return self
@@ -317,6 +368,7 @@ class EKFAC:
                 d = 0.1 * float(lam.double().mean()) if ek.damping is None else ek.damping
             ek.factors[n] = dict(QA=L["QA"].to(dev, dt), QS=L["QS"].to(dev, dt), lam=lam,
                                  eigA=L["eigA"], eigS=L["eigS"], damping=d)
+            _check_denominator(n, ek.factors[n], ek.damping is None)
         ek.n_fit = st["n_fit"]
         return ek
 
@@ -351,5 +403,6 @@ class EKFAC:
                                     eigA=F_.get("eigA", torch.zeros(din, dtype=torch.float64)),
                                     eigS=F_.get("eigS", torch.zeros(dout, dtype=torch.float64)),
                                     nA=F_.get("nA", 0))
+            _check_denominator(name, ek.factors[name], ek.damping is None)
         ek.n_fit = int(n_fit)
         return ek

@@ -40,3 +40,75 @@ def test_scalar_loss_names_the_argument_given():
         fastinf.EKFAC(mlp(), mean_loss, progress=False).fit(train)
     with pytest.raises(ValueError, match=r"^fisher_loss_fn returned a scalar"):
         fastinf.EKFAC(mlp(), ce_loss, fisher_loss_fn=mean_loss, progress=False).fit(train)
+
+
+# --------------------------------------------------------------------------- items 4, 11: Λ = 0, overflow
+class WithUnused(nn.Module):
+    """``side`` is called in the forward but its output is not used by the loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.side = nn.Linear(5, 8), nn.Linear(8, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        self.side(x)
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _dead_relu():
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        m[0].weight.zero_()
+        m[0].bias.fill_(-1.0)         # every unit of layer 0 dead: its gradient is 0
+    return m, "0"
+
+
+def _unused():
+    return WithUnused(), "side"
+
+
+@pytest.mark.parametrize("make", [_unused, _dead_relu])
+def test_zero_gradient_layer_is_named_never_nan(make):
+    model, name = make()
+    train = mlp_data()
+    with pytest.raises(ValueError, match=rf"layer '{name}'.*gradient is exactly zero.*"
+                                         r"modules=.*damping"):
+        fastinf.EKFAC(model, ce_loss, progress=False).fit(train)
+    with pytest.raises(ValueError, match=rf"layer '{name}'"):
+        fastinf.EKFAC(model, ce_loss, damping=0.0, progress=False).fit(train)
+    # the two ways out named in the message work and give finite scores
+    keep = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != name]
+    for ek in (fastinf.EKFAC(model, ce_loss, modules=keep, progress=False).fit(train),
+               fastinf.EKFAC(model, ce_loss, damping=1e-3, progress=False).fit(train)):
+        assert torch.isfinite(ek.self_scores(train)).all()
+        assert torch.isfinite(ek.pairwise_scores(mlp_data(3, 2), train)).all()
+
+
+def _scaled(s, act=False):
+    m = mlp(act=act)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(s)
+    return m
+
+
+def test_covariance_overflow_names_the_layer():
+    """Inputs x 1e20: the input covariance of layer 0 overflows float32 (was a raw LinAlgError
+    from eigh); weights x 1e20 saturate the tanh, so layer 0's gradient is exactly zero."""
+    X, y = mlp_data()
+    with pytest.raises(fastinf.capture.NonFiniteError,
+                       match=r"input covariance of layer '0' overflows in torch.float32.*modules="):
+        fastinf.EKFAC(mlp(), ce_loss, progress=False).fit((X * 1e20, y))
+    with pytest.raises(ValueError, match=r"layer '0'.*gradient is exactly zero.*modules="):
+        fastinf.EKFAC(_scaled(1e20, act=True), ce_loss, progress=False).fit((X, y))
+
+
+def test_covariance_underflow_names_the_layer():
+    with pytest.raises(ValueError, match=r"layer '0'.*underflows in torch.float32.*modules=.*damping"):
+        fastinf.EKFAC(_scaled(1e-30), ce_loss, progress=False).fit(mlp_data())
+    # factors handed in with Λ = 0 and no damping are refused the same way
+    lam0 = {"0": dict(QA=torch.eye(6), QS=torch.eye(8), lam=torch.zeros(8, 6)),
+            "2": dict(QA=torch.eye(9), QS=torch.eye(3), lam=torch.ones(3, 9))}
+    with pytest.raises(ValueError, match=r"layer '0' has Λ \+ damping = 0"):
+        fastinf.EKFAC.from_factors(mlp(), ce_loss, lam0, progress=False)
