@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, Optional
 
@@ -112,6 +114,7 @@ class EKFAC:
         self.progress = progress
         self.factors: Optional[Dict[str, dict]] = None
         self.n_fit = 0
+        self._weights_sha256: Optional[str] = None   # of the weights the factors were fitted on
         self.backend: Optional[str] = None   # kernel backend of the ops (None: fastest usable)
 
     # ------------------------------------------------------------------ helpers
@@ -199,6 +202,7 @@ class EKFAC:
             _check_denominator(name, L, self.damping is None, *L.pop("amax").tolist())
         self.factors = layers
         self.n_fit = n
+        self._weights_sha256 = hash_state(self.model.state_dict())
         return self
 
     # ------------------------------------------------------------------ preconditioning
@@ -321,17 +325,37 @@ class EKFAC:
                                 damping=L["damping"], shape=(dout, din),
                                 type=type(self.modules[name]).__name__)
         return dict(format=FORMAT, version=VERSION, damping=self.damping, n_fit=self.n_fit,
-                    layers=layers)
+                    layers=layers, weights_sha256=self._weights_sha256)
 
     def save(self, path) -> None:
-        """Writes the fitted factors (Q_A, Q_S, Λ, λ, module names/shapes, settings)."""
-        torch.save(self.state_dict(), path)
+        """Writes the fitted factors (Q_A, Q_S, Λ, λ, module names, types and shapes, settings,
+        a sha256 of the weights fitted on) atomically (temp file + rename). An unwritable path
+        is an ``OSError`` naming it; the factors stay in memory."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(self.state_dict(), fh)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise type(exc)(f"EKFAC.save: cannot write {path}: "
+                          f"{exc.strerror or exc}; the fitted factors are still in memory: "
+                          "save them to a writable path") from exc
 
     @classmethod
     def load(cls, path, model: nn.Module, loss_fn: Callable, **kwargs) -> "EKFAC":
         """Restores factors saved by :meth:`save` for ``model`` (same tracked module names and
         shapes, else ValueError). ``kwargs`` as in the constructor (``modules`` excluded)."""
-        st = torch.load(path, map_location="cpu", weights_only=True)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"EKFAC.load: no EK-FAC factor file at {path}")
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:    # torch's zip reader / unpickler: truncated or foreign file
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: cannot read the EK-FAC factor file: it is truncated, "
+                             f"corrupt or not a file written by EKFAC.save ({why})") from exc
         if not isinstance(st, dict) or st.get("format") != FORMAT:
             raise ValueError(f"{path}: not a fastinf EK-FAC factor file")
         if st.get("version") != VERSION:
@@ -355,6 +379,11 @@ class EKFAC:
             if got != exp:
                 raise ValueError(f"EKFAC.load: module {n!r} is a {type(m).__name__} with gradient "
                                  f"shape {got}; the factors were fitted on shape {exp}")
+            fitted_type = st["layers"][n].get("type")
+            if fitted_type not in (None, type(m).__name__):
+                raise ValueError(f"EKFAC.load: module {n!r} is a {type(m).__name__}; the factors "
+                                 f"in {path} were fitted on a {fitted_type} (same shape, other "
+                                 "layer): load them onto the architecture they were fitted on")
         override = "damping" in kwargs
         kwargs.setdefault("damping", st["damping"])
         ek = cls(model, loss_fn, modules=names, **kwargs)
@@ -370,6 +399,11 @@ class EKFAC:
                                  eigA=L["eigA"], eigS=L["eigS"], damping=d)
             _check_denominator(n, ek.factors[n], ek.damping is None)
         ek.n_fit = st["n_fit"]
+        ek._weights_sha256 = st.get("weights_sha256")
+        if ek._weights_sha256 is not None and ek._weights_sha256 != hash_state(model.state_dict()):
+            warnings.warn(f"EKFAC.load: the factors in {path} were fitted on other weights of this "
+                          "architecture (weights sha256 differs): the scores use the curvature of "
+                          "those weights; refit if the model changed", UserWarning, stacklevel=2)
         return ek
 
     @classmethod

@@ -112,3 +112,63 @@ def test_covariance_underflow_names_the_layer():
             "2": dict(QA=torch.eye(9), QS=torch.eye(3), lam=torch.ones(3, 9))}
     with pytest.raises(ValueError, match=r"layer '0' has Λ \+ damping = 0"):
         fastinf.EKFAC.from_factors(mlp(), ce_loss, lam0, progress=False)
+
+
+# --------------------------------------------------------------------------- items 7, 8: factor files
+class FakeConv1D(nn.Module):
+    """transformers' Conv1D (weight [in, out]) with the same gradient shape as Linear(5, 8)."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, train = mlp(), mlp_data()
+    ek = fastinf.EKFAC(model, ce_loss, progress=False).fit(train)
+    p = tmp_path / "f.pt"
+    ek.save(p)
+    return p, model, train, ek
+
+
+def test_load_checks_module_types_and_weights(saved):
+    import warnings
+    p, model, train, ek = saved
+    other_type = mlp()
+    other_type[0] = FakeConv1D(5, 8)
+    with pytest.raises(ValueError, match=r"module '0' is a FakeConv1D.*fitted on a Linear"):
+        fastinf.EKFAC.load(p, other_type, ce_loss)
+    with pytest.warns(UserWarning, match=r"f.pt.*fitted on other weights"):
+        fastinf.EKFAC.load(p, mlp(seed=3), ce_loss, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # same weights: no warning, same scores
+        ek2 = fastinf.EKFAC.load(p, model, ce_loss, progress=False)
+    assert torch.equal(ek2.pairwise_scores(train, train), ek.pairwise_scores(train, train))
+
+
+def test_truncated_or_missing_factor_file(saved):
+    p, model, _, _ = saved
+    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"^{p}: cannot read the EK-FAC factor file.*truncated"):
+        fastinf.EKFAC.load(p, model, ce_loss)
+    p.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no EK-FAC factor file at {p}"):
+        fastinf.EKFAC.load(p, model, ce_loss)
+
+
+def test_unwritable_factor_file(saved):
+    p, model, _, ek = saved
+    blocker = p.parent / "a-file"
+    blocker.write_text("")
+    for bad in (blocker / "f.pt", p.parent / "missing-dir" / "f.pt"):
+        with pytest.raises(OSError, match=rf"^EKFAC.save: cannot write {bad}: .*still in memory"):
+            ek.save(bad)
+    before = p.read_bytes()
+    ek.save(p)                                  # overwriting an existing file works, atomically
+    assert p.read_bytes() == before and not list(p.parent.glob("*.tmp*"))
