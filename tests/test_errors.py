@@ -172,3 +172,128 @@ def test_unwritable_factor_file(saved):
     before = p.read_bytes()
     ek.save(p)                                  # overwriting an existing file works, atomically
     assert p.read_bytes() == before and not list(p.parent.glob("*.tmp*"))
+
+
+# --------------------------------------------------------------------------- items 8, 9, 10: stores
+def _tracin():
+    return fastinf.TracIn(mlp(), ce_loss, progress=False)
+
+
+def test_overwrite_means_overwrite(tmp_path):
+    train = mlp_data(12)
+    fastinf.GradientStore.build(tmp_path / "s", _tracin(), train, batch_size=4, shard_size=4,
+                                progress=False)
+    ek = fastinf.EKFAC(mlp(), ce_loss, progress=False).fit(train)
+    # different method and shard size, default resume=True: overwrite=True replaces the store
+    s = fastinf.GradientStore.build(tmp_path / "s", ek, train, batch_size=4, shard_size=8,
+                                    overwrite=True, progress=False)
+    assert s.manifest["method"]["kind"] == "ekfac" and len(s.shards) == 2
+    with pytest.raises(fastinf.StoreError, match=r"cannot resume.*shard_size.*pass overwrite=True "
+                                                 r"to replace it$"):
+        fastinf.GradientStore.build(tmp_path / "s", ek, train, batch_size=4, shard_size=4,
+                                    progress=False)
+
+
+def test_unwritable_store_fails_before_any_pass(tmp_path, monkeypatch):
+    import errno
+    import os
+    calls = []
+
+    def loss(m, b):
+        calls.append(1)
+        return ce_loss(m, b)
+    tr = fastinf.TracIn(mlp(), loss, progress=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(fastinf.StoreError, match=rf"^{blocker / 's'}: cannot write a store here"):
+        fastinf.GradientStore.build(blocker / "s", tr, mlp_data(8), progress=False)
+    # a read-only filesystem (simulated: root ignores permission bits)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_open = os.open
+
+    def ro_open(p, flags, *a, **k):
+        if str(p).startswith(str(ro)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(p))
+        return real_open(p, flags, *a, **k)
+    monkeypatch.setattr(os, "open", ro_open)
+    with pytest.raises(fastinf.StoreError, match=rf"^{ro}: cannot write a store here: "
+                                                 r"Read-only file system"):
+        fastinf.GradientStore.build(ro, tr, mlp_data(8), progress=False)
+    assert not calls
+
+
+LOCK_SCRIPT = """
+import os, sys, time, torch, torch.nn.functional as F
+from torch import nn
+import fastinf
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+g = torch.Generator().manual_seed(1)
+train = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+gate = sys.argv[2] if len(sys.argv) > 2 else None
+
+def loss(m, b):
+    t0 = time.time()
+    while gate and not os.path.exists(gate) and time.time() - t0 < 120:
+        time.sleep(0.05)                       # hold the build until the test opens the gate
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+fastinf.GradientStore.build(sys.argv[1], fastinf.TracIn(model, loss, progress=False), train,
+                            batch_size=4, shard_size=8, progress=False)
+"""
+
+
+def test_concurrent_builds_are_locked_out(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    script = tmp_path / "job.py"
+    script.write_text(LOCK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               OMP_NUM_THREADS="1")
+    store, gate = tmp_path / "s", tmp_path / "gate"
+    first = subprocess.Popen([sys.executable, str(script), str(store), str(gate)], env=env,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (store / "build.lock").exists():
+            assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, str(script), str(store)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert (f"StoreError: {store}: the store is being built by pid {first.pid} on host "
+                f"{socket.gethostname()}") in second.stderr
+    finally:
+        gate.write_text("")
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert not (store / "build.lock").exists()
+    assert len(fastinf.GradientStore.open(store)) == 16
+
+
+def test_stale_lock_is_recovered_by_resume(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = tmp_path / "s"
+    store.mkdir()
+    lock = store / "build.lock"
+    train = mlp_data(12)
+    lock.write_text(json.dumps({"pid": dead.pid, "host": "elsewhere", "started": "x"}))
+    with pytest.raises(fastinf.StoreError, match=rf"being built by pid {dead.pid} on host "
+                                                 r"elsewhere.*delete .*build.lock"):
+        fastinf.GradientStore.build(store, _tracin(), train, batch_size=4, progress=False)
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    with pytest.raises(fastinf.StoreError, match=rf"pid {dead.pid} .* no longer runs.*resume=True"):
+        fastinf.GradientStore.build(store, _tracin(), train, batch_size=4, resume=False,
+                                    progress=False)
+    s = fastinf.GradientStore.build(store, _tracin(), train, batch_size=4, progress=False)
+    assert len(s) == 12 and not lock.exists()
