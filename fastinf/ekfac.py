@@ -11,6 +11,7 @@ Per tracked layer:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import warnings
@@ -23,11 +24,13 @@ from torch import nn
 from . import distributed as dist
 from . import scoring
 from ._pass import factor_pass, model_device
-from .capture import NonFiniteError, layer_shape, tracked_modules
+from .capture import NonFiniteError, layer_shape, tracked_modules, tracking_summary
 from .layers import DenseLayer, LayerBatch
 from .ops import _common as c
 from .ops.ekfac_lambda import ekfac_lambda
 from .store import hash_state
+
+log = logging.getLogger("fastinf")
 
 FORMAT = "fastinf.ekfac"
 VERSION = 1
@@ -85,8 +88,10 @@ class EKFAC:
         model: the trained model (its device and dtype are used; float32/bf16/float64).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example training losses (summed over
             tokens); differentiated on the training side of the scores.
-        modules: names or module objects to track (default every Linear/Conv2d with a trainable
-            weight).
+        modules: names or module objects to track (default every ``nn.Linear``, ``nn.Conv2d``
+            with ``groups=1`` and transformers' ``Conv1D`` with a trainable weight; see
+            docs/constraints.md). What is tracked is in ``self.tracked_modules``
+            (``{name: {"type", "params"}}``) and logged once (logger ``"fastinf"``, INFO).
         damping: None for ``0.1·mean(Λ)`` per layer (Kronfluence's heuristic), or a float λ.
         fisher_loss_fn: the loss the curvature is fitted on (default ``loss_fn``: empirical Fisher).
         token_mask_fn: ``token_mask_fn(batch) -> [B, T] bool``; False tokens (padding) are
@@ -106,6 +111,9 @@ class EKFAC:
         self.model = model
         self.loss_fn = loss_fn
         self.modules = tracked_modules(model, modules)
+        summary = tracking_summary(model, self.modules)
+        self.tracked_modules = summary["tracked"]     # name -> {"type", "params"}
+        log.info(summary["line"])
         self.damping = None if damping is None else float(damping)
         self.fisher_loss_fn = fisher_loss_fn or loss_fn
         # errors of the fit passes name the argument the user gave
