@@ -52,7 +52,8 @@ def subset(data, start: int, stop: int):
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         return tuple(t[start:stop] for t in data)
     if isinstance(data, DataLoader):
-        return DataLoader(Subset(data.dataset, range(start, stop)), batch_size=data.batch_size,
+        bs = data.batch_size if data.batch_size is not None else data.batch_sampler.batch_size
+        return DataLoader(Subset(data.dataset, range(start, stop)), batch_size=bs,
                           shuffle=False, collate_fn=data.collate_fn, num_workers=data.num_workers)
     return Subset(data, range(start, stop))
 
