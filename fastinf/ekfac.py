@@ -54,6 +54,32 @@ def _eigh(name, which, C, n, xmax):
                          ) from exc
 
 
+def factor_memory(dout: int, din: int, dtype: torch.dtype) -> int:
+    """Bytes one layer's fit needs at its peak: the covariances A ``[din, din]`` and S
+    ``[dout, dout]``, the kept eigenvectors Q_A, Q_S and Λ ``[dout, din]`` in ``dtype``, plus
+    the float64 eigendecomposition of the larger side (matrix, eigenvectors, LAPACK workspace)."""
+    b = torch.finfo(dtype).bits // 8
+    return b * (2 * din * din + 2 * dout * dout + dout * din) + 3 * 8 * max(din, dout) ** 2
+
+
+def default_factor_budget(device: torch.device) -> float:
+    """Half of the device's memory (CUDA: the GPU's, CPU: the physical RAM; 16 GiB if unknown)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory / 2
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return 16 * 2 ** 30
+
+
+def _check_budget(max_factor_memory):
+    if max_factor_memory is not None and (
+            isinstance(max_factor_memory, bool) or not isinstance(max_factor_memory, (int, float))
+            or not max_factor_memory > 0):
+        raise ValueError("max_factor_memory must be None (half the device's memory) or a number "
+                         f"of bytes > 0 (float('inf'): no limit), got {max_factor_memory!r}")
+
+
 def _check_denominator(name, L, heuristic, amax=None, gmax=None):
     """``Λ + λ`` must be finite and invertible, else the layer's scores would be NaN/Inf."""
     lam = L["lam"]
@@ -97,19 +123,26 @@ class EKFAC:
         token_mask_fn: ``token_mask_fn(batch) -> [B, T] bool``; False tokens (padding) are
             excluded from the factors and the token counts.
         progress: show a tqdm bar for every pass.
+        max_factor_memory: bytes the fit may use for the factors (see :func:`factor_memory`),
+            checked per layer and in total before any pass; a layer over it (e.g. an LM head
+            with a large vocabulary, ``S`` is ``vocab²``) is an error naming it and the
+            ``modules=`` way out. None: half the device's memory; ``float("inf")``: no check.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, modules=None,
                  damping: Optional[float] = None, fisher_loss_fn: Optional[Callable] = None,
-                 token_mask_fn: Optional[Callable] = None, progress: bool = True):
+                 token_mask_fn: Optional[Callable] = None, progress: bool = True,
+                 max_factor_memory: Optional[float] = None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))
                                     or not math.isfinite(damping) or damping < 0):
             raise ValueError("damping must be None (heuristic) or a finite float >= 0, got "
                              f"{damping!r}")
+        _check_budget(max_factor_memory)
         self.model = model
         self.loss_fn = loss_fn
+        self.max_factor_memory = max_factor_memory
         self.modules = tracked_modules(model, modules)
         summary = tracking_summary(model, self.modules)
         self.tracked_modules = summary["tracked"]     # name -> {"type", "params"}
@@ -149,6 +182,33 @@ class EKFAC:
                                "EKFAC.load(path, model, loss_fn) first")
 
     # ------------------------------------------------------------------ fit
+    def _check_factor_memory(self, dt, dev):
+        budget = self.max_factor_memory
+        budget = default_factor_budget(dev) if budget is None else budget
+        need = {n: factor_memory(*layer_shape(m), dt) for n, m in self.modules.items()}
+        gib = 2.0 ** 30
+        how = ("leave it out with modules=[...] (the tracked modules except it; e.g. an LM head "
+               "over a large vocabulary), or raise max_factor_memory (bytes; float('inf'): no "
+               "limit)")
+        for n, b in need.items():
+            if b > budget:
+                dout, din = layer_shape(self.modules[n])
+                raise MemoryError(f"EKFAC.fit: layer {n!r} ({type(self.modules[n]).__name__}, "
+                                  f"gradient [{dout}, {din}]) needs about {b / gib:.3g} GiB for "
+                                  f"its factors (A {din}x{din}, S {dout}x{dout}, eigenvectors "
+                                  f"and Λ in {dt}, float64 eigendecomposition), over "
+                                  f"max_factor_memory = {budget / gib:.3g} GiB; {how}")
+        total = sum(need.values()) - 24 * sum(max(layer_shape(m)) ** 2
+                                               for m in self.modules.values())
+        total += 24 * max(max(layer_shape(m)) ** 2 for m in self.modules.values())
+        if total > budget:
+            top = sorted(need, key=need.get, reverse=True)[:3]
+            raise MemoryError(f"EKFAC.fit: the factors of the {len(need)} tracked layers need "
+                              f"about {total / gib:.3g} GiB together, over max_factor_memory = "
+                              f"{budget / gib:.3g} GiB (largest: "
+                              + ", ".join(f"{n!r} {need[n] / gib:.3g} GiB" for n in top)
+                              + "); leave some out with modules=[...], or raise max_factor_memory")
+
     def fit(self, train, batch_size: int = 64) -> "EKFAC":
         """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ.
 
@@ -157,6 +217,7 @@ class EKFAC:
         select = dist.mine if dist.enabled() else None
         dt = self.dtype
         dev = self.device
+        self._check_factor_memory(dt, dev)
         cov = OrderedDict()
         for name, m in self.modules.items():
             dout, din = layer_shape(m)

@@ -297,3 +297,28 @@ def test_stale_lock_is_recovered_by_resume(tmp_path):
                                     progress=False)
     s = fastinf.GradientStore.build(store, _tracin(), train, batch_size=4, progress=False)
     assert len(s) == 12 and not lock.exists()
+
+
+# --------------------------------------------------------------------------- issue 11: factor memory
+def test_factor_memory_budget_names_the_layer_before_any_pass():
+    from fastinf.ekfac import factor_memory
+    calls = []
+
+    def loss(m, b):
+        calls.append(1)
+        return ce_loss(m, b)
+    big = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 300))      # an "LM head"
+    need = {n: factor_memory(*fastinf.capture.layer_shape(big[int(n)]), torch.float32)
+            for n in ("0", "2")}
+    assert need["2"] == 4 * (2 * 9 * 9 + 2 * 300 * 300 + 300 * 9) + 24 * 300 * 300
+    with pytest.raises(MemoryError, match=r"layer '2' \(Linear, gradient \[300, 9\]\) needs about "
+                                          r".* GiB.*max_factor_memory.*modules="):
+        fastinf.EKFAC(big, loss, max_factor_memory=need["2"] - 1, progress=False).fit(mlp_data())
+    with pytest.raises(MemoryError, match=r"the factors of the 2 tracked layers need.*'2'"):
+        fastinf.EKFAC(big, loss, max_factor_memory=need["2"] + 1, progress=False).fit(mlp_data())
+    assert not calls
+    fastinf.EKFAC(big, loss, modules=["0"], max_factor_memory=need["0"],
+                  progress=False).fit(mlp_data())
+    for bad in (0, -1.0, float("nan"), "1GB"):
+        with pytest.raises(ValueError, match="max_factor_memory must be"):
+            fastinf.EKFAC(big, loss, max_factor_memory=bad)
