@@ -41,7 +41,8 @@ On disk (a directory)::
 Shards are written to a temporary name, fsync'ed and renamed when complete; the manifest is
 rewritten atomically (temp + ``os.replace``) after each shard, so a build killed at any moment
 resumes (``resume=True``) with verified shards and ends identical to an uninterrupted build.
-Reading needs no lock and works in read-only directories.
+A build holds ``build.lock`` (pid, host, start time; :func:`build_lock`), so two builds of one
+store never run at once. Reading needs no lock and works in read-only directories.
 
 This module is the file format and its IO only: what goes into a shard comes from
 :mod:`fastinf.layers` (encoding) and :mod:`fastinf.scoring` (the build loop, which defines the
