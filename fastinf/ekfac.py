@@ -59,7 +59,12 @@ def factor_memory(dout: int, din: int, dtype: torch.dtype) -> int:
     ``[dout, dout]``, the kept eigenvectors Q_A, Q_S and Λ ``[dout, din]`` in ``dtype``, plus
     the float64 eigendecomposition of the larger side (matrix, eigenvectors, LAPACK workspace)."""
     b = torch.finfo(dtype).bits // 8
-    return b * (2 * din * din + 2 * dout * dout + dout * din) + 3 * 8 * max(din, dout) ** 2
+    return b * (2 * din * din + 2 * dout * dout + dout * din) + _eigh_bytes(dout, din)
+
+
+def _eigh_bytes(dout: int, din: int) -> int:
+    """float64 matrix, eigenvectors and LAPACK workspace of the larger covariance."""
+    return 3 * 8 * max(din, dout) ** 2
 
 
 def default_factor_budget(device: torch.device) -> float:
@@ -185,22 +190,23 @@ class EKFAC:
     def _check_factor_memory(self, dt, dev):
         budget = self.max_factor_memory
         budget = default_factor_budget(dev) if budget is None else budget
-        need = {n: factor_memory(*layer_shape(m), dt) for n, m in self.modules.items()}
+        shapes = {n: layer_shape(m) for n, m in self.modules.items()}
+        need = {n: factor_memory(*shape, dt) for n, shape in shapes.items()}
         gib = 2.0 ** 30
         how = ("leave it out with modules=[...] (the tracked modules except it; e.g. an LM head "
                "over a large vocabulary), or raise max_factor_memory (bytes; float('inf'): no "
                "limit)")
         for n, b in need.items():
             if b > budget:
-                dout, din = layer_shape(self.modules[n])
+                dout, din = shapes[n]
                 raise MemoryError(f"EKFAC.fit: layer {n!r} ({type(self.modules[n]).__name__}, "
                                   f"gradient [{dout}, {din}]) needs about {b / gib:.3g} GiB for "
                                   f"its factors (A {din}x{din}, S {dout}x{dout}, eigenvectors "
                                   f"and Λ in {dt}, float64 eigendecomposition), over "
                                   f"max_factor_memory = {budget / gib:.3g} GiB; {how}")
-        total = sum(need.values()) - 24 * sum(max(layer_shape(m)) ** 2
-                                               for m in self.modules.values())
-        total += 24 * max(max(layer_shape(m)) ** 2 for m in self.modules.values())
+        # together: every layer's factors, one eigendecomposition at a time
+        eig = [_eigh_bytes(*shape) for shape in shapes.values()]
+        total = sum(need.values()) - sum(eig) + max(eig)
         if total > budget:
             top = sorted(need, key=need.get, reverse=True)[:3]
             raise MemoryError(f"EKFAC.fit: the factors of the {len(need)} tracked layers need "
@@ -223,7 +229,7 @@ class EKFAC:
             dout, din = layer_shape(m)
             cov[name] = dict(A=torch.zeros(din, din, dtype=dt, device=dev), nA=0,
                              S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0,
-                             amax=torch.zeros(2, dtype=torch.float64))
+                             amax=torch.zeros(2, dtype=torch.float64, device=dev))
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn, "EK-FAC covariances",
                                      self._fisher_arg, "train", select):
             for name, lb in factors.items():
@@ -235,8 +241,9 @@ class EKFAC:
                 st["S"].addmm_(G.T, G)
                 st["nA"] += ntok
                 st["nS"] += ntok
-                st["amax"] = torch.maximum(st["amax"], torch.stack(
-                    [A.abs().max(), G.abs().max()]).double().cpu() if A.numel() else st["amax"])
+                if A.numel():       # largest |a|, |g|: named when the layer over/underflows
+                    st["amax"] = torch.maximum(st["amax"], torch.stack(
+                        [torch.linalg.vector_norm(X, float("inf")) for X in (A, G)]).double())
         for st in cov.values():
             dist.all_reduce_sum_(st["A"])
             dist.all_reduce_sum_(st["S"])
