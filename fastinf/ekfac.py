@@ -11,6 +11,10 @@ Per tracked layer:
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
+import os
+import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, Optional
 
@@ -20,14 +24,92 @@ from torch import nn
 from . import distributed as dist
 from . import scoring
 from ._pass import factor_pass, model_device
-from .capture import layer_shape, tracked_modules
+from .capture import NonFiniteError, layer_shape, tracked_modules, tracking_summary
 from .layers import DenseLayer, LayerBatch
 from .ops import _common as c
 from .ops.ekfac_lambda import ekfac_lambda
 from .store import hash_state
 
+log = logging.getLogger("fastinf")
+
 FORMAT = "fastinf.ekfac"
 VERSION = 1
+_OUT = "leave the layer out with modules=[...] (the tracked modules except it)"
+
+
+def _eigh(name, which, C, n, xmax):
+    """Eigendecomposition (float64) of the summed covariance ``C`` of ``n`` tokens; an overflow
+    (Inf/NaN) or a failed eigh is an error naming the layer and the cause."""
+    if not bool(torch.isfinite(C).all()):
+        raise NonFiniteError(
+            f"EK-FAC: the {which} covariance of layer {name!r} overflows in {C.dtype}: its "
+            f"{which}s reach |x| = {xmax:.3g}, and their squares summed over tokens exceed "
+            f"{torch.finfo(C.dtype).max:.3g}; scale the inputs or weights down, use a float64 "
+            f"model, or {_OUT}")
+    try:
+        return torch.linalg.eigh(C.double() / n)
+    except torch.linalg.LinAlgError as exc:
+        raise ValueError(f"EK-FAC: the eigendecomposition of the {which} covariance of layer "
+                         f"{name!r} failed ({exc}); largest |{which}| = {xmax:.3g}; {_OUT}"
+                         ) from exc
+
+
+def factor_memory(dout: int, din: int, dtype: torch.dtype) -> int:
+    """Bytes one layer's fit needs at its peak: the covariances A ``[din, din]`` and S
+    ``[dout, dout]``, the kept eigenvectors Q_A, Q_S and Λ ``[dout, din]`` in ``dtype``, plus
+    the float64 eigendecomposition of the larger side (matrix, eigenvectors, LAPACK workspace)."""
+    b = torch.finfo(dtype).bits // 8
+    return b * (2 * din * din + 2 * dout * dout + dout * din) + _eigh_bytes(dout, din)
+
+
+def _eigh_bytes(dout: int, din: int) -> int:
+    """float64 matrix, eigenvectors and LAPACK workspace of the larger covariance."""
+    return 3 * 8 * max(din, dout) ** 2
+
+
+def default_factor_budget(device: torch.device) -> float:
+    """Half of the device's memory (CUDA: the GPU's, CPU: the physical RAM; 16 GiB if unknown)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory / 2
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return 16 * 2 ** 30
+
+
+def _check_budget(max_factor_memory):
+    if max_factor_memory is not None and (
+            isinstance(max_factor_memory, bool) or not isinstance(max_factor_memory, (int, float))
+            or not max_factor_memory > 0):
+        raise ValueError("max_factor_memory must be None (half the device's memory) or a number "
+                         f"of bytes > 0 (float('inf'): no limit), got {max_factor_memory!r}")
+
+
+def _check_denominator(name, L, heuristic, amax=None, gmax=None):
+    """``Λ + λ`` must be finite and invertible, else the layer's scores would be NaN/Inf."""
+    lam = L["lam"]
+    if not bool(torch.isfinite(lam).all()):
+        raise NonFiniteError(f"EK-FAC: the eigenvalue correction Λ of layer {name!r} overflows "
+                             f"in {lam.dtype}; scale the inputs or weights down, use a float64 "
+                             f"model, or {_OUT}")
+    if bool(torch.isfinite(1.0 / (lam + L["damping"])).all()):
+        return
+    if gmax == 0:
+        cause = ("its output gradient is exactly zero in every training example (the layer is "
+                 "called but its output does not reach the loss, or all its units are dead)")
+    elif amax == 0:
+        cause = "its inputs are exactly zero in every training example"
+    elif amax is not None:
+        cause = (f"its curvature underflows in {lam.dtype} (largest |input| {amax:.3g}, largest "
+                 f"|output gradient| {gmax:.3g}: Λ falls below {torch.finfo(lam.dtype).tiny:.3g};"
+                 " a float64 model avoids that)")
+    else:
+        cause = "its Λ has zeros"
+    how = " (the 0.1·mean(Λ) heuristic)" if heuristic else ""
+    raise ValueError(f"EK-FAC: layer {name!r} has Λ + damping = 0 (damping "
+                     f"{L['damping']:.3g}{how}) because {cause}; its scores would be NaN. "
+                     f"{_OUT[0].upper()}{_OUT[1:]}, or pass damping=<a float > 0> (a damping "
+                     "floor for every layer)")
 
 
 class EKFAC:
@@ -37,32 +119,48 @@ class EKFAC:
         model: the trained model (its device and dtype are used; float32/bf16/float64).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example training losses (summed over
             tokens); differentiated on the training side of the scores.
-        modules: names or module objects to track (default every Linear/Conv2d with a trainable
-            weight).
+        modules: names or module objects to track (default every ``nn.Linear``, ``nn.Conv2d``
+            with ``groups=1`` and transformers' ``Conv1D`` with a trainable weight; see
+            docs/constraints.md). What is tracked is in ``self.tracked_modules``
+            (``{name: {"type", "params"}}``) and logged once (logger ``"fastinf"``, INFO).
         damping: None for ``0.1·mean(Λ)`` per layer (Kronfluence's heuristic), or a float λ.
         fisher_loss_fn: the loss the curvature is fitted on (default ``loss_fn``: empirical Fisher).
         token_mask_fn: ``token_mask_fn(batch) -> [B, T] bool``; False tokens (padding) are
             excluded from the factors and the token counts.
         progress: show a tqdm bar for every pass.
+        max_factor_memory: bytes the fit may use for the factors (see :func:`factor_memory`),
+            checked per layer and in total before any pass; a layer over it (e.g. an LM head
+            with a large vocabulary, ``S`` is ``vocab²``) is an error naming it and the
+            ``modules=`` way out. None: half the device's memory; ``float("inf")``: no check.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, modules=None,
                  damping: Optional[float] = None, fisher_loss_fn: Optional[Callable] = None,
-                 token_mask_fn: Optional[Callable] = None, progress: bool = True):
+                 token_mask_fn: Optional[Callable] = None, progress: bool = True,
+                 max_factor_memory: Optional[float] = None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))
-                                    or not damping >= 0):
-            raise ValueError(f"damping must be None (heuristic) or a float >= 0, got {damping!r}")
+                                    or not math.isfinite(damping) or damping < 0):
+            raise ValueError("damping must be None (heuristic) or a finite float >= 0, got "
+                             f"{damping!r}")
+        _check_budget(max_factor_memory)
         self.model = model
         self.loss_fn = loss_fn
+        self.max_factor_memory = max_factor_memory
         self.modules = tracked_modules(model, modules)
+        summary = tracking_summary(model, self.modules)
+        self.tracked_modules = summary["tracked"]     # name -> {"type", "params"}
+        log.info(summary["line"])
         self.damping = None if damping is None else float(damping)
         self.fisher_loss_fn = fisher_loss_fn or loss_fn
+        # errors of the fit passes name the argument the user gave
+        self._fisher_arg = "loss_fn" if fisher_loss_fn is None else "fisher_loss_fn"
         self.token_mask_fn = token_mask_fn
         self.progress = progress
         self.factors: Optional[Dict[str, dict]] = None
         self.n_fit = 0
+        self._weights_sha256: Optional[str] = None   # of the weights the factors were fitted on
         self.backend: Optional[str] = None   # kernel backend of the ops (None: fastest usable)
 
     # ------------------------------------------------------------------ helpers
@@ -89,6 +187,34 @@ class EKFAC:
                                "EKFAC.load(path, model, loss_fn) first")
 
     # ------------------------------------------------------------------ fit
+    def _check_factor_memory(self, dt, dev):
+        budget = self.max_factor_memory
+        budget = default_factor_budget(dev) if budget is None else budget
+        shapes = {n: layer_shape(m) for n, m in self.modules.items()}
+        need = {n: factor_memory(*shape, dt) for n, shape in shapes.items()}
+        gib = 2.0 ** 30
+        how = ("leave it out with modules=[...] (the tracked modules except it; e.g. an LM head "
+               "over a large vocabulary), or raise max_factor_memory (bytes; float('inf'): no "
+               "limit)")
+        for n, b in need.items():
+            if b > budget:
+                dout, din = shapes[n]
+                raise MemoryError(f"EKFAC.fit: layer {n!r} ({type(self.modules[n]).__name__}, "
+                                  f"gradient [{dout}, {din}]) needs about {b / gib:.3g} GiB for "
+                                  f"its factors (A {din}x{din}, S {dout}x{dout}, eigenvectors "
+                                  f"and Λ in {dt}, float64 eigendecomposition), over "
+                                  f"max_factor_memory = {budget / gib:.3g} GiB; {how}")
+        # together: every layer's factors, one eigendecomposition at a time
+        eig = [_eigh_bytes(*shape) for shape in shapes.values()]
+        total = sum(need.values()) - sum(eig) + max(eig)
+        if total > budget:
+            top = sorted(need, key=need.get, reverse=True)[:3]
+            raise MemoryError(f"EKFAC.fit: the factors of the {len(need)} tracked layers need "
+                              f"about {total / gib:.3g} GiB together, over max_factor_memory = "
+                              f"{budget / gib:.3g} GiB (largest: "
+                              + ", ".join(f"{n!r} {need[n] / gib:.3g} GiB" for n in top)
+                              + "); leave some out with modules=[...], or raise max_factor_memory")
+
     def fit(self, train, batch_size: int = 64) -> "EKFAC":
         """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ.
 
@@ -97,13 +223,15 @@ class EKFAC:
         select = dist.mine if dist.enabled() else None
         dt = self.dtype
         dev = self.device
+        self._check_factor_memory(dt, dev)
         cov = OrderedDict()
         for name, m in self.modules.items():
             dout, din = layer_shape(m)
             cov[name] = dict(A=torch.zeros(din, din, dtype=dt, device=dev), nA=0,
-                             S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0)
+                             S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0,
+                             amax=torch.zeros(2, dtype=torch.float64, device=dev))
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn, "EK-FAC covariances",
-                                     "fisher_loss_fn", "train", select):
+                                     self._fisher_arg, "train", select):
             for name, lb in factors.items():
                 st = cov[name]
                 A = lb.A.reshape(-1, lb.din).to(dt)
@@ -113,23 +241,28 @@ class EKFAC:
                 st["S"].addmm_(G.T, G)
                 st["nA"] += ntok
                 st["nS"] += ntok
+                if A.numel():       # largest |a|, |g|: named when the layer over/underflows
+                    st["amax"] = torch.maximum(st["amax"], torch.stack(
+                        [torch.linalg.vector_norm(X, float("inf")) for X in (A, G)]).double())
         for st in cov.values():
             dist.all_reduce_sum_(st["A"])
             dist.all_reduce_sum_(st["S"])
             st["nA"] = dist.all_reduce_int(st["nA"])
             st["nS"] = dist.all_reduce_int(st["nS"])
+            dist.all_reduce_sum_(st["amax"])    # zero iff zero on every rank (messages only)
         layers = OrderedDict()
         for name, st in cov.items():
             nA, nS = max(st["nA"], 1), max(st["nS"], 1)
-            eA, QA = torch.linalg.eigh(st["A"].double() / nA)
-            eS, QS = torch.linalg.eigh(st["S"].double() / nS)
+            eA, QA = _eigh(name, "input", st["A"], nA, float(st["amax"][0]))
+            eS, QS = _eigh(name, "output-gradient", st["S"], nS, float(st["amax"][1]))
             layers[name] = dict(QA=QA.to(dt).contiguous(), QS=QS.to(dt).contiguous(),
+                                amax=st["amax"],
                                 eigA=eA, eigS=eS, nA=st["nA"],
                                 lam=torch.zeros(QS.shape[0], QA.shape[0], dtype=dt, device=dev))
         del cov
         n = 0
         for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
-                                     "EK-FAC eigenvalue correction", "fisher_loss_fn", "train",
+                                     "EK-FAC eigenvalue correction", self._fisher_arg, "train",
                                      select):
             for name, lb in factors.items():
                 L = layers[name]
@@ -142,8 +275,10 @@ class EKFAC:
             L["lam"] /= max(n, 1)
             lam_d = 0.1 * float(L["lam"].double().mean()) if self.damping is None else self.damping
             L["damping"] = lam_d
+            _check_denominator(name, L, self.damping is None, *L.pop("amax").tolist())
         self.factors = layers
         self.n_fit = n
+        self._weights_sha256 = hash_state(self.model.state_dict())
         return self
 
     # ------------------------------------------------------------------ preconditioning
@@ -280,17 +415,37 @@ class EKFAC:
                                 damping=L["damping"], shape=(dout, din),
                                 type=type(self.modules[name]).__name__)
         return dict(format=FORMAT, version=VERSION, damping=self.damping, n_fit=self.n_fit,
-                    layers=layers)
+                    layers=layers, weights_sha256=self._weights_sha256)
 
     def save(self, path) -> None:
-        """Writes the fitted factors (Q_A, Q_S, Λ, λ, module names/shapes, settings)."""
-        torch.save(self.state_dict(), path)
+        """Writes the fitted factors (Q_A, Q_S, Λ, λ, module names, types and shapes, settings,
+        a sha256 of the weights fitted on) atomically (temp file + rename). An unwritable path
+        is an ``OSError`` naming it; the factors stay in memory."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(self.state_dict(), fh)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise type(exc)(f"EKFAC.save: cannot write {path}: "
+                          f"{exc.strerror or exc}; the fitted factors are still in memory: "
+                          "save them to a writable path") from exc
 
     @classmethod
     def load(cls, path, model: nn.Module, loss_fn: Callable, **kwargs) -> "EKFAC":
         """Restores factors saved by :meth:`save` for ``model`` (same tracked module names and
         shapes, else ValueError). ``kwargs`` as in the constructor (``modules`` excluded)."""
-        st = torch.load(path, map_location="cpu", weights_only=True)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"EKFAC.load: no EK-FAC factor file at {path}")
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:    # torch's zip reader / unpickler: truncated or foreign file
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: cannot read the EK-FAC factor file: it is truncated, "
+                             f"corrupt or not a file written by EKFAC.save ({why})") from exc
         if not isinstance(st, dict) or st.get("format") != FORMAT:
             raise ValueError(f"{path}: not a fastinf EK-FAC factor file")
         if st.get("version") != VERSION:
@@ -314,6 +469,11 @@ class EKFAC:
             if got != exp:
                 raise ValueError(f"EKFAC.load: module {n!r} is a {type(m).__name__} with gradient "
                                  f"shape {got}; the factors were fitted on shape {exp}")
+            fitted_type = st["layers"][n].get("type")
+            if fitted_type not in (None, type(m).__name__):
+                raise ValueError(f"EKFAC.load: module {n!r} is a {type(m).__name__}; the factors "
+                                 f"in {path} were fitted on a {fitted_type} (same shape, other "
+                                 "layer): load them onto the architecture they were fitted on")
         override = "damping" in kwargs
         kwargs.setdefault("damping", st["damping"])
         ek = cls(model, loss_fn, modules=names, **kwargs)
@@ -327,7 +487,13 @@ class EKFAC:
                 d = 0.1 * float(lam.double().mean()) if ek.damping is None else ek.damping
             ek.factors[n] = dict(QA=L["QA"].to(dev, dt), QS=L["QS"].to(dev, dt), lam=lam,
                                  eigA=L["eigA"], eigS=L["eigS"], damping=d)
+            _check_denominator(n, ek.factors[n], ek.damping is None)
         ek.n_fit = st["n_fit"]
+        ek._weights_sha256 = st.get("weights_sha256")
+        if ek._weights_sha256 is not None and ek._weights_sha256 != hash_state(model.state_dict()):
+            warnings.warn(f"EKFAC.load: the factors in {path} were fitted on other weights of this "
+                          "architecture (weights sha256 differs): the scores use the curvature of "
+                          "those weights; refit if the model changed", UserWarning, stacklevel=2)
         return ek
 
     @classmethod
@@ -361,5 +527,6 @@ class EKFAC:
                                     eigA=F_.get("eigA", torch.zeros(din, dtype=torch.float64)),
                                     eigS=F_.get("eigS", torch.zeros(dout, dtype=torch.float64)),
                                     nA=F_.get("nA", 0))
+            _check_denominator(name, ek.factors[name], ek.damping is None)
         ek.n_fit = int(n_fit)
         return ek

@@ -41,7 +41,7 @@ from .capture import layer_shape
 from .data import _check_batch_size, num_examples
 from .layers import (Projected, Query, cat_parts, cat_records, choose_layouts, decode, encode,
                      score)
-from .store import Store, StoreWriter, hash_state
+from .store import Store, StoreWriter, build_lock, hash_state
 
 __all__ = ["GradientStore", "pairwise", "top_influences", "self_scores", "query_state",
            "query_batches"]
@@ -55,7 +55,8 @@ def subset(data, start: int, stop: int):
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         return tuple(t[start:stop] for t in data)
     if isinstance(data, DataLoader):
-        return DataLoader(Subset(data.dataset, range(start, stop)), batch_size=data.batch_size,
+        bs = data.batch_size if data.batch_size is not None else data.batch_sampler.batch_size
+        return DataLoader(Subset(data.dataset, range(start, stop)), batch_size=bs,
                           shuffle=False, collate_fn=data.collate_fn, num_workers=data.num_workers)
     return Subset(data, range(start, stop))
 
@@ -444,9 +445,13 @@ class GradientStore(Store):
         """Runs the training-gradient pass of ``method`` over ``train`` once and writes the store.
 
         ``resume=True`` continues a build of the same store (same model, method, data size, shard
-        and batch sizes) that stopped; ``resume=False`` on an existing store raises unless
-        ``overwrite=True``. Under ``torch.distributed`` each rank writes the shards
-        ``i % world == rank`` and rank 0 writes the final manifest. ``layout``: ``"auto"``
+        and batch sizes) that stopped, also one killed while holding the build lock;
+        ``overwrite=True`` replaces an existing store (whatever ``resume``); ``resume=False`` on
+        an existing store raises unless ``overwrite=True``. The directory must be writable
+        (checked before any pass); a build holds ``build.lock`` (pid, host, start time), so a
+        second build of the same store raises :class:`StoreError` naming the first. Under
+        ``torch.distributed`` each rank writes the shards ``i % world == rank``, rank 0 holds
+        the lock and writes the final manifest. ``layout``: ``"auto"``
         (factors where ``T·(din+dout) < din·dout``, else dense), ``"factors"`` or ``"dense"``
         (every layer; dense makes each score one GEMM at a higher storage cost).
         """
@@ -458,26 +463,27 @@ class GradientStore(Store):
         if n == 0:
             raise ValueError("'train' is empty: nothing to store")
         spec = method.store_spec()
-        with contextlib.closing(_pass(method, subset(train, 0, min(batch_size, n)), batch_size,
-                                      "store layout")) as first:
-            layouts = choose_layouts(method.train_layers(next(first)[1]))
-        if layout != "auto":
-            layouts = {k: layout for k in layouts}
-        # factors and dense gradients are kept in the model's dtype, projections in float32
-        dtype = next((p.dtype for p in method.model.parameters()), torch.float32) \
-            if layouts else torch.float32
-        writer = StoreWriter(path, model=model_fingerprint(method), method=spec, layouts=layouts,
-                             dtype=dtype, n_examples=n, shard_size=shard_size,
-                             batch_size=batch_size, resume=resume, overwrite=overwrite)
-        n_shards = (n + shard_size - 1) // shard_size
-        mine = [i for i in range(n_shards) if dist.mine(i)]
-        with progress_bar(sum(min(shard_size, n - i * shard_size) for i in mine),
-                          "fastinf store", progress) as bar:
-            for i in mine:
-                start, stop = i * shard_size, min(n, (i + 1) * shard_size)
-                if i not in writer.done:
-                    writer.write(i, start, stop, _shard_tensors(
-                        method, subset(train, start, stop), batch_size, layouts, dtype))
-                bar.update(stop - start)
-        writer.finish(n_shards)
+        with build_lock(path, recover=resume or overwrite):
+            with contextlib.closing(_pass(method, subset(train, 0, min(batch_size, n)),
+                                          batch_size, "store layout")) as first:
+                layouts = choose_layouts(method.train_layers(next(first)[1]))
+            if layout != "auto":
+                layouts = {k: layout for k in layouts}
+            # factors and dense gradients are kept in the model's dtype, projections in float32
+            dtype = next((p.dtype for p in method.model.parameters()), torch.float32) \
+                if layouts else torch.float32
+            writer = StoreWriter(path, model=model_fingerprint(method), method=spec,
+                                 layouts=layouts, dtype=dtype, n_examples=n, shard_size=shard_size,
+                                 batch_size=batch_size, resume=resume, overwrite=overwrite)
+            n_shards = (n + shard_size - 1) // shard_size
+            mine = [i for i in range(n_shards) if dist.mine(i)]
+            with progress_bar(sum(min(shard_size, n - i * shard_size) for i in mine),
+                              "fastinf store", progress) as bar:
+                for i in mine:
+                    start, stop = i * shard_size, min(n, (i + 1) * shard_size)
+                    if i not in writer.done:
+                        writer.write(i, start, stop, _shard_tensors(
+                            method, subset(train, start, stop), batch_size, layouts, dtype))
+                    bar.update(stop - start)
+            writer.finish(n_shards)
         return cls.open(path, verify=False)

@@ -41,7 +41,8 @@ On disk (a directory)::
 Shards are written to a temporary name, fsync'ed and renamed when complete; the manifest is
 rewritten atomically (temp + ``os.replace``) after each shard, so a build killed at any moment
 resumes (``resume=True``) with verified shards and ends identical to an uninterrupted build.
-Reading needs no lock and works in read-only directories.
+A build holds ``build.lock`` (pid, host, start time; :func:`build_lock`), so two builds of one
+store never run at once. Reading needs no lock and works in read-only directories.
 
 This module is the file format and its IO only: what goes into a shard comes from
 :mod:`fastinf.layers` (encoding) and :mod:`fastinf.scoring` (the build loop, which defines the
@@ -50,11 +51,14 @@ see :mod:`fastinf.distributed`.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import signal
+import socket
+import time
 from typing import Dict, Optional
 
 import safetensors.torch
@@ -65,8 +69,9 @@ from . import distributed as dist
 FORMAT = "fastinf.store"
 VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = "build.lock"
 
-__all__ = ["Store", "StoreWriter", "StoreError", "hash_state"]
+__all__ = ["Store", "StoreWriter", "StoreError", "hash_state", "build_lock"]
 
 
 class StoreError(ValueError):
@@ -195,6 +200,99 @@ def _get(d, dotted):
         else:
             return None
     return d
+
+
+# --------------------------------------------------------------------------- build lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # someone else's live process
+        return True
+    return True
+
+
+def _read_lock(fp: str) -> dict:
+    try:
+        with open(fp) as fh:
+            d = json.load(fh)
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}                # torn by a kill between create and write: stale
+
+
+def _take_lock(path: str, recover: bool) -> str:
+    """Creates ``path/build.lock`` (pid, host, start time) exclusively; returns its content.
+
+    A lock held by a live build (or by a process on another host, which cannot be checked) is a
+    :class:`StoreError` naming the holder; a stale one (its pid no longer runs on this host) is
+    replaced when ``recover``, else an error saying to pass ``resume=True``."""
+    fp = os.path.join(path, LOCK)
+    host = socket.gethostname()
+    mine = json.dumps({"pid": os.getpid(), "host": host,
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    for _ in range(3):
+        try:
+            fd = os.open(fp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _read_lock(fp)
+            pid, where = held.get("pid"), held.get("host")
+            since = f" since {held['started']}" if held.get("started") else ""
+            if where is not None and (where != host or (isinstance(pid, int) and _pid_alive(pid))):
+                raise StoreError(f"{path}: the store is being built by pid {pid} on host "
+                                 f"{where}{since}; wait for that build to finish (if it is dead, "
+                                 f"delete {fp} and resume)")
+            if not recover:
+                raise StoreError(f"{path}: a build of this store (pid {pid} on host {where}"
+                                 f"{since}) no longer runs and left its lock {fp}; pass "
+                                 "resume=True to recover it and continue the build (or "
+                                 "overwrite=True to replace it)")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(fp)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(mine)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return mine
+    raise StoreError(f"{path}: could not take the build lock {fp}: another build keeps taking it")
+
+
+def _cannot_write(path: str, exc: OSError) -> StoreError:
+    return StoreError(f"{path}: cannot write a store here: {exc.strerror or exc}"
+                      + (f" ({exc.filename})" if exc.filename and exc.filename != path else ""))
+
+
+@contextlib.contextmanager
+def build_lock(path, recover: bool):
+    """Held for the whole build of the store at ``path``: creates the directory, checks that it
+    is writable (before any gradient pass) and takes ``build.lock``. Under ``torch.distributed``
+    rank 0 holds the lock for all ranks of the build and every rank checks it can write."""
+    path = os.fspath(path)
+    err, held = None, None
+    try:
+        os.makedirs(path, exist_ok=True)
+        if dist.rank() == 0:
+            held = _take_lock(path, recover)
+        else:
+            probe = os.path.join(path, f".probe.rank{dist.rank()}.{os.getpid()}")
+            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644))
+            os.remove(probe)
+    except StoreError as exc:
+        err = str(exc)
+    except OSError as exc:
+        err = str(_cannot_write(path, exc))
+    errs = [e for e in dist.all_gather_object(err) if e]
+    try:
+        if errs:
+            raise StoreError(errs[0])
+        yield
+    finally:
+        fp = os.path.join(path, LOCK)
+        if held is not None and _read_lock(fp) == json.loads(held):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(fp)
 
 
 # --------------------------------------------------------------------------- reading
@@ -355,7 +453,7 @@ class StoreWriter:
         if existing and not resume and not overwrite:
             raise StoreError(f"{path}: a store already exists here; pass resume=True to continue "
                              "its build or overwrite=True to replace it")
-        if existing and overwrite and not resume:
+        if existing and overwrite:
             dist.barrier()
             if rank == 0:
                 for f in existing:
@@ -385,7 +483,7 @@ class StoreWriter:
             d = _diff({k: self.header.get(k) for k in keys}, {k: man.get(k) for k in keys})
             if d:
                 raise StoreError(f"{path}: cannot resume: the existing store differs in {d}; "
-                                 "pass overwrite=True (and resume=False) to replace it")
+                                 "pass overwrite=True to replace it")
             for s in man.get("shards", []):
                 fp2 = os.path.join(path, s["file"])
                 if os.path.isfile(fp2) and os.path.getsize(fp2) == s["bytes"] and \

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from . import scoring
-from .capture import tracked_modules
+from .capture import tracked_modules, tracking_summary
 from .layers import DenseLayer, LayerBatch, Projected
 from .ops import _common as c
 from .ops.jl_project import jl_project, phi_block, seed_key
@@ -29,6 +30,8 @@ from .ops.kron_project import kron_project
 from .store import hash_state
 
 __all__ = ["TracIn", "KroneckerProjection", "RandomProjection"]
+
+log = logging.getLogger("fastinf")
 
 
 # --------------------------------------------------------------------------- projections
@@ -160,7 +163,10 @@ class TracIn:
     """TracIn influence scores (Pruthi et al. 2020) over one or several checkpoints.
 
     Args:
-        model: the network; tracked layers are its ``nn.Linear`` / ``nn.Conv2d`` (or ``modules``).
+        model: the network; tracked layers are its ``nn.Linear``, ``nn.Conv2d`` (``groups=1``)
+            and transformers' ``Conv1D`` (or ``modules``; see docs/constraints.md). What is
+            tracked is in ``self.tracked_modules`` (``{name: {"type", "params"}}``) and logged
+            once (logger ``"fastinf"``, INFO).
         loss_fn: ``loss_fn(model, batch) -> [B]`` per-example losses.
         checkpoints: list of ``(state_dict_or_path, learning_rate)``; default: the model's
             current weights with learning rate 1. The model's own weights are restored after
@@ -185,6 +191,9 @@ class TracIn:
         self.model = model
         self.loss_fn = loss_fn
         self.modules = tracked_modules(model, modules)
+        summary = tracking_summary(model, self.modules)
+        self.tracked_modules = summary["tracked"]     # name -> {"type", "params"}
+        log.info(summary["line"])
         self.checkpoints = _normalize_checkpoints(checkpoints)
         self.projection = projection
         self.progress = progress

@@ -72,16 +72,7 @@ def test_methods_reject_such_loaders(needle):
         tr.pairwise_scores(_ds(3)[:], loader, batch_size=4)
 
 
-_BATCH_SAMPLER_XFAIL = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="store.subset (not this module) rebuilds a batch_sampler loader with batch_size=None "
-           "when train is split in chunks; fix: batch_size=data.batch_size or "
-           "data.batch_sampler.batch_size")
-
-
-@pytest.mark.parametrize("kind", ["batch_size", pytest.param("batch_sampler",
-                                                             marks=_BATCH_SAMPLER_XFAIL),
-                                  "Subset"])
+@pytest.mark.parametrize("kind", ["batch_size", "batch_sampler", "Subset"])
 def test_sequential_loaders_are_accepted_and_ordered(kind):
     ds = _ds(10)
     model = nn.Linear(3, 2).double()

@@ -322,3 +322,20 @@ def test_readme_example():
     ns = {}
     exec(compile(code, "docs/ekfac.md", "exec"), ns)
     assert ns["scores"].shape == (8, 64)
+
+
+def test_methods_report_what_is_tracked(caplog):
+    """EKFAC and TracIn expose ``tracked_modules`` (name -> type, parameter count) and log one
+    summary line naming what is left out."""
+    import logging
+    model = TinyLM()
+    for cls in (fastinf.EKFAC, fastinf.TracIn):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fastinf"):
+            m = cls(model, lm_loss, progress=False)
+        assert m.tracked_modules == {"fc": {"type": "Linear", "params": 6 * 7 + 7},
+                                     "out": {"type": "Linear", "params": 7 * 11 + 11}}
+        lines = [r.getMessage() for r in caplog.records if r.name == "fastinf"]
+        assert lines == ["tracking 2 modules (Linear x2), 137 of 203 trainable parameters; "
+                         "left out: Embedding x1 (66 params)"]
+        assert list(cls(model, lm_loss, modules=["out"], progress=False).tracked_modules) == ["out"]
