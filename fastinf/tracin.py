@@ -408,7 +408,8 @@ class TracIn:
         """``(P_in, P_out)`` of layer ``li`` at the active checkpoint (random or fitted PCA)."""
         proj, device = self.projection, lb.A.device
         if proj.init == "pca":
-            key = f"c{self._active}/{name}"
+            # outside a checkpoint's context (a store's layout probe): the first checkpoint's
+            key = f"c{self._active or 0}/{name}"
             if f"{key}/in" not in self._pca:
                 raise ValueError("KroneckerProjection(init='pca') is not fitted: call "
                                  "TracIn.fit_projection(train) first")
@@ -434,6 +435,9 @@ class TracIn:
         p = sum(lb.dout * lb.din for lb in factors.values())
         out = []
         nb = c.chunk(B, p * 8.0)
+        moments = self._moments
+        if precondition and moments is None:     # outside _at (a store's layout probe)
+            moments = _adam_moments(self.checkpoints[0], self.model, self.modules)
         for b0 in range(0, B, nb):
             ys = []
             for li, (n, lb) in enumerate(factors.items()):
@@ -441,7 +445,7 @@ class TracIn:
                 dt = torch.promote_types(lb.A.dtype, torch.float32)
                 D = LayerBatch(lb.A[b0:b0 + nb], lb.G[b0:b0 + nb], mask).to(dt).dense()
                 if precondition:
-                    D = adam_direction(D, self._moments[n])
+                    D = adam_direction(D, moments[n])
                 if kron:
                     P_in, P_out = self._kron(li, n, lb)
                     D = P_out.T.to(dt) @ D @ P_in.to(dt)
