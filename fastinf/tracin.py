@@ -209,7 +209,7 @@ def _param_names(module_name: str, module: nn.Module):
 
 
 def _as_matrix(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor as ``[dout, din]`` columns of ``D`` (Conv1D stores ``[din, dout]``)."""
+    """A weight-shaped tensor as the ``[dout, din]`` columns of ``D`` (Conv1D: ``[din, dout]``)."""
     return w.T if is_conv1d(module) else w.reshape(w.shape[0], -1)
 
 
