@@ -423,3 +423,32 @@ def test_doc_less_example():
                                atol=1e-5 * ns["S"].abs().max().item())
     torch.testing.assert_close(ns["same"].pairwise_scores((ns["Xq"], ns["yq"]), (ns["X"], ns["y"])),
                                ns["approx_pca"])
+
+
+@pytest.mark.gpu
+def test_adam_and_pca_on_cuda_match_cpu(tmp_path):
+    """Moments saved on the CPU are moved to the model's device; PCA fits on the device."""
+    model = _net()
+    data = _data(32, 5, shape=(2, 5, 5), classes=3)
+    w, opt_sd = _train_adam(model, data, 3, named=True)
+    tr = _data(12, 7, (2, 5, 5), 3)
+    make = [lambda m, ws: fastinf.TracIn(m, ce_loss, checkpoints=[(ws, 0.5, opt_sd)],
+                                         preconditioner="adam", progress=False,
+                                         projection=fastinf.RandomProjection(32, seed=1)),
+            lambda m, ws: fastinf.TracIn(m, ce_loss, checkpoints=[(ws, 0.5)], progress=False,
+                                         projection=fastinf.KroneckerProjection(
+                                             2, 2, init="pca")).fit_projection(tr)]
+    gpu = _net().cuda()
+    gpu.load_state_dict(model.state_dict())
+    gw = {k: v.cuda() for k, v in w.items()}
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for mk in make:
+            X = mk(model, w).features(tr)
+            Xg = mk(gpu, gw).features(tuple(t.cuda() for t in tr))
+            assert Xg.device.type == "cpu"
+            ref, got = X @ X.T, Xg @ Xg.T       # invariant to eigenvector signs
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
