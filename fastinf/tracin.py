@@ -195,7 +195,10 @@ def _load_state(ck: _Checkpoint, model: nn.Module) -> dict:
                          + (" ..." if len(unexpected) > 8 else ""))
         if shapes:
             parts.append(f"shape mismatches [{'; '.join(shapes[:8])}]")
-        raise ValueError(f"{ck.label} does not match the model: " + ", ".join(parts))
+        hint = ("; peft adapter files drop the adapter name ('.default'): load them into the "
+                "model with peft and pass model.state_dict()"
+                if unexpected and any(".default." in k for k in missing) else "")
+        raise ValueError(f"{ck.label} does not match the model: " + ", ".join(parts) + hint)
     return sd
 
 
@@ -233,10 +236,12 @@ def _adam_moments(ck: _Checkpoint, model: nn.Module, modules) -> Dict[str, dict]
     ids = [(g, pid) for g in groups for pid in g["params"]]
     if all("param_names" in g for g in groups):
         names = [n for g in groups for n in g["param_names"]]
-        unknown = [n for n in names if n not in params]
+        known = dict(model.named_parameters())         # frozen ones simply have no moments
+        unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"{label}: param_names {unknown[:8]} are not trainable parameters "
-                             "of the model (names as in model.named_parameters())")
+            raise ValueError(f"{label}: param_names {unknown[:8]} are not parameters of the "
+                             "model (names as in model.named_parameters())")
+        params = known
     else:
         if len(ids) != len(params):
             raise ValueError(f"{label} has {len(ids)} parameters, the model has {len(params)} "

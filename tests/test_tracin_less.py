@@ -179,6 +179,10 @@ def test_peft_adapter_checkpoint():
     assert sorted(a.modules) == sorted(n for n, m in model.named_modules()
                                        if n.endswith(("lora_A.default", "lora_B.default")))
     torch.testing.assert_close(a.pairwise_scores(q, tr), b.pairwise_scores(q, tr))
+    saved = {k.replace(".default", ""): v for k, v in adapter.items()}   # as peft writes them
+    with pytest.raises(ValueError, match="missing keys .*peft adapter files drop"):
+        fastinf.TracIn(model, ce_loss, checkpoints=[(saved, 0.3)],
+                       progress=False).self_scores(tr)
 
 
 # --------------------------------------------------------------------------- Adam
@@ -251,6 +255,25 @@ def test_adam_direction_is_torch_adams_next_step():
     lay = [torch.cat([d["0.weight"].flatten(1), d["0.bias"][:, None]], 1), d["3.weight"],
            torch.cat([d["5.weight"], d["5.bias"][:, None]], 1)]
     torch.testing.assert_close(X, torch.cat([t.flatten() for t in lay]), rtol=1e-4, atol=1e-6)
+
+
+def test_adam_state_of_an_optimizer_over_all_named_parameters():
+    """An optimizer built over every named parameter (frozen ones get no moments) is matched by
+    name and gives the moments of one built over the trainable parameters only."""
+    data = _data(32, 5, shape=(2, 5, 5), classes=3)
+    feats = []
+    for params in (lambda m: m.named_parameters(),
+                   lambda m: [p for p in m.parameters() if p.requires_grad]):
+        model = _net()
+        opt = torch.optim.Adam(params(model), lr=1e-2)
+        for s in range(3):
+            opt.zero_grad()
+            ce_loss(model, (data[0][8 * s:8 * s + 8], data[1][8 * s:8 * s + 8])).mean().backward()
+            opt.step()
+        w = {n: p.detach().clone() for n, p in _trainable(model).items()}
+        feats.append(fastinf.TracIn(model, ce_loss, checkpoints=[(w, 1.0, opt)],
+                                    preconditioner="adam", progress=False).features(data[:2]))
+    torch.testing.assert_close(feats[0], feats[1])
 
 
 def test_adam_with_random_projection_projects_the_adam_direction(tmp_path):
