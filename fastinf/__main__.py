@@ -2,27 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import platform
+import subprocess
 import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__, backends, demo
 
 
 def _info(args) -> int:
-    import platform
-
-    import torch
-
-    import fastinf
-
-    print(f"fastinf {fastinf.__version__}  |  torch {torch.__version__}  |  Python "
+    print(f"fastinf {__version__}  |  torch {torch.__version__}  |  Python "
           f"{platform.python_version()}")
     print("backends:")
-    for st in fastinf.backends().values():
+    for st in backends().values():
         print("  " + str(st))
     return 0
 
 
 def _demo(args) -> int:
-    from . import demo
-
     report = demo.run(method=args.method, noise=args.noise, out=args.out, device=args.device,
                       seed=args.seed, progress=not args.quiet)
     print(demo.format_report(report, args.out))
@@ -30,8 +29,6 @@ def _demo(args) -> int:
 
 
 def _bench_dir():
-    from pathlib import Path
-
     for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
         if (root / "bench" / "ops").is_dir():
             return root / "bench"
@@ -40,8 +37,6 @@ def _bench_dir():
 
 
 def _bench(args) -> int:
-    import subprocess
-
     bench = _bench_dir()
     groups = {"ops": ["ops"], "peers": ["peers"], "all": ["ops", "peers"]}[args.which]
     failed = 0
@@ -55,8 +50,6 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="fastinf", description="Fast TracIn and EK-FAC "
                                      "influence scores.")
     parser.add_argument("--version", action="version", version=f"fastinf {__version__}")

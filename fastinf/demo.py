@@ -23,6 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import __version__
+from .ekfac import EKFAC
+from .selection import suspicious
+from .tracin import TracIn
+
 METHODS = ("ekfac", "tracin")
 FRACTIONS = (0.05, 0.10, 0.20)
 REMOVED = (0.0, 0.05, 0.10, 0.20)
@@ -145,8 +150,6 @@ def _plot_curve(curves: Dict[str, tuple], noise: float, path: Path):
 def removal_curve(alg, train_data, Xtr, ytr, Xte, yte, *, epochs: int, seed: int) -> Dict:
     """Test accuracy of models retrained without the top f of the training set by
     self-influence (``fastinf.selection.suspicious``) and without f at random, f in REMOVED."""
-    from .selection import suspicious
-
     order = suspicious(alg, train_data, fraction=1.0, batch_size=256)[0].cpu()
     rand = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed + 1))
     threads = torch.get_num_threads()
@@ -225,8 +228,6 @@ def _plot_grid(Xte, yte, Xtr, ytr, is_flipped, queries, scores, method, k, path:
 def run(method: str = "both", noise: float = 0.1, out: str = "fastinf_demo", device: str = "cpu",
         seed: int = 0, progress: bool = True, epochs: int = 40) -> Dict:
     """Runs the demo and returns the report (also written to ``out/report.json``)."""
-    import fastinf
-
     if method not in METHODS + ("both",):
         raise DemoError(f"unknown method {method!r}; expected ekfac, tracin or both")
     if not 0.0 <= noise < 0.9:
@@ -254,7 +255,7 @@ def run(method: str = "both", noise: float = 0.1, out: str = "fastinf_demo", dev
     report = {
         "config": {"method": method, "noise": noise, "seed": seed, "device": device,
                    "epochs": epochs, "n_train": len(ytr), "n_test": len(yte),
-                   "n_flipped": int(is_flipped.sum()), "fastinf": fastinf.__version__,
+                   "n_flipped": int(is_flipped.sum()), "fastinf": __version__,
                    "torch": torch.__version__},
         "model": {"test_accuracy": test_acc, "train_accuracy_clean_labels": train_acc_clean},
         "detection": {}, "timings": timings, "top_influences": {},
@@ -263,12 +264,12 @@ def run(method: str = "both", noise: float = 0.1, out: str = "fastinf_demo", dev
     for name in methods:
         t = time.perf_counter()
         if name == "ekfac":
-            alg = fastinf.EKFAC(model, loss_fn, progress=progress)
+            alg = EKFAC(model, loss_fn, progress=progress)
             alg.fit(train_data, batch_size=256)
             timings["ekfac_fit_s"] = time.perf_counter() - t
         else:
             ck = [({k: v.to(dev) for k, v in sd.items()}, lr) for sd, lr in ckpts]
-            alg = fastinf.TracIn(model, loss_fn, checkpoints=ck, progress=progress)
+            alg = TracIn(model, loss_fn, checkpoints=ck, progress=progress)
         t = time.perf_counter()
         self_inf = alg.self_scores(train_data, batch_size=256).cpu()
         timings[f"{name}_self_scores_s"] = time.perf_counter() - t

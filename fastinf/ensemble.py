@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .scoring import GradientStore
 from .selection import _is_store_list, _length, _query_batch, query_chunks
 
 __all__ = ["Ensemble"]
@@ -77,8 +78,6 @@ class Ensemble:
 
     # ------------------------------------------------------------------ train per member
     def _trains(self, train) -> list:
-        from .store import GradientStore
-
         if _is_store_list(train):
             if len(train) != len(self.methods):
                 raise ValueError(f"train: one GradientStore per member expected "

@@ -25,7 +25,9 @@ from __future__ import annotations
 from typing import Iterator, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Subset
+
+from .data import num_examples
+from .scoring import GradientStore, subset
 
 __all__ = ["for_target", "harmful", "suspicious"]
 
@@ -34,39 +36,13 @@ _BUDGET_BYTES = 256 << 20
 
 # --------------------------------------------------------------------------- data helpers
 def _is_store_list(train) -> bool:
-    from .store import GradientStore
-
     return isinstance(train, list) and bool(train) and all(isinstance(t, GradientStore)
                                                            for t in train)
 
 
 def _length(data) -> int:
     """Number of examples of data (any form fastinf accepts), a store or a list of stores."""
-    from .store import GradientStore
-
-    if isinstance(data, GradientStore):
-        return len(data)
-    if _is_store_list(data):
-        return len(data[0])
-    if isinstance(data, torch.Tensor):
-        return int(data.shape[0])
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        return int(data[0].shape[0])
-    if isinstance(data, DataLoader):
-        return len(data.dataset)
-    return len(data)
-
-
-def _slice(data, start: int, stop: int):
-    """Examples ``[start, stop)`` of data, in the same form."""
-    if isinstance(data, torch.Tensor):
-        return data[start:stop]
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        return tuple(t[start:stop] for t in data)
-    if isinstance(data, DataLoader):
-        return DataLoader(Subset(data.dataset, range(start, stop)), batch_size=data.batch_size,
-                          shuffle=False, collate_fn=data.collate_fn)
-    return Subset(data, range(start, stop))
+    return len(data[0]) if _is_store_list(data) else num_examples(data)
 
 
 def _query_batch(query_batch: Optional[int], n_train: int) -> int:
@@ -84,7 +60,7 @@ def query_chunks(data, rows: int) -> Iterator[Tuple[int, object]]:
         yield 0, data
         return
     for start in range(0, n, rows):
-        yield start, _slice(data, start, min(n, start + rows))
+        yield start, subset(data, start, min(n, start + rows))
 
 
 # --------------------------------------------------------------------------- counts
