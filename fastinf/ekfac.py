@@ -7,6 +7,19 @@ Per tracked layer:
 * ``H⁻¹D = Q_S [(Q_Sᵀ D Q_A) ⊘ (Λ + λ)] Q_Aᵀ``, ``λ = 0.1·mean(Λ)`` per layer unless given;
 * ``score(q, n) = Σ_layers ⟨H⁻¹D_q, D_n⟩`` (positive = training example n lowers the query's
   measurement, as Kronfluence), ``self(n) = Σ_layers ⟨H⁻¹D_n, D_n⟩``; not divided by n_train.
+
+Cost (per example, one layer; "rotate tokens, not gradients", DESIGN §1). ``Q_Sᵀ D Q_A`` is taken
+from rotated tokens, ``(G Q_S)ᵀ(A Q_A)``: ``2·T·(din² + dout² + din·dout)`` FLOPs, where
+``T·(din² + dout²) <= dout·din·(din + dout)``, else by rotating the dense ``D``
+(:meth:`EKFAC.rotates_tokens`; queries, self-scores; the Λ pass's op ``ekfac_lambda`` applies
+the same rule). The preconditioned query ``X_q = (Q_SᵀD_qQ_A) ⊘ (Λ+λ)`` stays in the eigenbasis
+(:class:`fastinf.layers.Eigen`): each train batch's tokens are rotated once for all queries and
+``X_q`` is never rotated back, until rotating train tokens has cost as much as rotating the
+queries back once (``2·Q·dout·din·(din + dout)``). For T=48 and the layers of a d=256
+transformer (din, dout with the bias column: 257→256, 257→1024, 1025→256, 257→384) the token
+order needs 3.9×, 5.3×, 5.3×, 4.5× fewer FLOPs than the dense rotation, and the eigenbasis saves
+rotating back (as much again) while ``N_train·T·(din² + dout²) < Q·dout·din·(din + dout)``;
+bench/e2e/ekfac_cost.py measures it (bench/results/ekfac_cost.csv).
 """
 from __future__ import annotations
 

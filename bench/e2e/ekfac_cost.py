@@ -11,6 +11,7 @@ is this tree / base. ``--kronfluence`` adds Kronfluence (EK-FAC, empirical Fishe
 heuristic, same batch sizes) and the ratio this tree / Kronfluence.
 
     PYTHONPATH=. python bench/e2e/ekfac_cost.py [--small] [--reps 2] [--kronfluence]
+        [--n-train 256] [--n-query 256] [--threads 1]
 
 Rows are appended to ``bench/results/ekfac_cost.csv``.
 """
@@ -210,6 +211,8 @@ def step_kronfluence(step, work, s, tag):
 
 def worker(spec):
     torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     fn = step_kronfluence if spec["tag"] == "kronfluence" else step_fastinf
     dt = fn(spec["step"], Path(spec["work"]), spec["shapes"], spec["tag"])
     print("RESULT " + json.dumps(dict(seconds=dt)), flush=True)
@@ -251,12 +254,19 @@ def main():
     ap.add_argument("--kronfluence", action="store_true")
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--n-train", type=int)
+    ap.add_argument("--n-query", type=int)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in each step (0: torch's default); 1 is steadier on a "
+                         "machine shared with other jobs")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     s = dict(n_train=256, n_query=256, T=48, d=256, layers=4, heads=4, vocab=384, batch=32)
     if args.small:
         s = dict(n_train=48, n_query=24, T=16, d=64, layers=2, heads=2, vocab=96, batch=16)
+    s["n_train"] = args.n_train or s["n_train"]
+    s["n_query"] = args.n_query or s["n_query"]
     steps = [x for x in STEPS if x in args.steps.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work, base = Path(tmp) / "work", Path(tmp) / "base"
@@ -271,7 +281,7 @@ def main():
                 for tag, root in impls.items():
                     if step == "plain" and tag != "after":
                         continue
-                    dt, rss = run_child(dict(step=step, work=str(work), shapes=s, tag=tag), root)
+                    dt, rss = run_child(dict(step=step, work=str(work), shapes=s, tag=tag, threads=args.threads), root)
                     old = best.get((tag, step), (math.inf, 0))
                     best[(tag, step)] = (min(old[0], dt), max(old[1], rss))
                     print(f"rep {rep} {tag:<12}{step:<17}{dt:8.2f} s {rss:8.0f} MiB", flush=True)
@@ -279,6 +289,8 @@ def main():
         load = os.getloadavg()[0]
         rows = []
         plain = best.get(("after", "plain"), (math.nan,))[0]
+        if args.threads:
+            dev = dev.replace(f"({torch.get_num_threads()} threads)", f"({args.threads} threads)")
         print(f"\n{dev}; shapes {s}; min of {args.reps}; load average {load:.1f} "
               f"(shared machine: timings under load)")
         print(f"{'step':<17}{'after s':>9}{'before s':>9}{'ratio':>7}"
