@@ -267,7 +267,10 @@ def main():
         s = dict(n_train=48, n_query=24, T=16, d=64, layers=2, heads=2, vocab=96, batch=16)
     s["n_train"] = args.n_train or s["n_train"]
     s["n_query"] = args.n_query or s["n_query"]
-    steps = [x for x in STEPS if x in args.steps.split(",")]
+    wanted = set(args.steps.split(","))
+    if wanted & {"pairwise", "pairwise_rank32", "self"}:
+        wanted.add("fit")   # the scoring steps load the factors the fit step saved
+    steps = [x for x in STEPS if x in wanted]
     with tempfile.TemporaryDirectory() as tmp:
         work, base = Path(tmp) / "work", Path(tmp) / "base"
         work.mkdir(), base.mkdir()
