@@ -7,6 +7,19 @@ Per tracked layer:
 * ``H⁻¹D = Q_S [(Q_Sᵀ D Q_A) ⊘ (Λ + λ)] Q_Aᵀ``, ``λ = 0.1·mean(Λ)`` per layer unless given;
 * ``score(q, n) = Σ_layers ⟨H⁻¹D_q, D_n⟩`` (positive = training example n lowers the query's
   measurement, as Kronfluence), ``self(n) = Σ_layers ⟨H⁻¹D_n, D_n⟩``; not divided by n_train.
+
+Cost (per example, one layer; "rotate tokens, not gradients", DESIGN §1). ``Q_Sᵀ D Q_A`` is taken
+from rotated tokens, ``(G Q_S)ᵀ(A Q_A)``: ``2·T·(din² + dout² + din·dout)`` FLOPs, where
+``T·(din² + dout²) <= dout·din·(din + dout)``, else by rotating the dense ``D``
+(:meth:`EKFAC.rotates_tokens`; queries, self-scores; the Λ pass's op ``ekfac_lambda`` applies
+the same rule). The preconditioned query ``X_q = (Q_SᵀD_qQ_A) ⊘ (Λ+λ)`` stays in the eigenbasis
+(:class:`fastinf.layers.Eigen`): each train batch's tokens are rotated once for all queries and
+``X_q`` is never rotated back, until rotating train tokens has cost as much as rotating the
+queries back once (``2·Q·dout·din·(din + dout)``). For T=48 and the layers of a d=256
+transformer (din, dout with the bias column: 257→256, 257→1024, 1025→256, 257→384) the token
+order needs 3.9×, 5.3×, 5.3×, 4.5× fewer FLOPs than the dense rotation, and the eigenbasis saves
+rotating back (as much again) while ``N_train·T·(din² + dout²) < Q·dout·din·(din + dout)``;
+bench/e2e/ekfac_cost.py measures it (bench/results/ekfac_cost.csv).
 """
 from __future__ import annotations
 
@@ -25,7 +38,7 @@ from . import distributed as dist
 from . import scoring
 from ._pass import factor_pass, model_device
 from .capture import NonFiniteError, layer_shape, tracked_modules, tracking_summary
-from .layers import DenseLayer, LayerBatch
+from .layers import DenseLayer, Eigen, LayerBatch
 from .ops import _common as c
 from .ops.ekfac_lambda import ekfac_lambda
 from .store import hash_state
@@ -112,6 +125,13 @@ def _check_denominator(name, L, heuristic, amax=None, gmax=None):
                      "floor for every layer)")
 
 
+def _rows(rec, n0, n1):
+    """Examples ``[n0, n1)`` of a ``LayerBatch`` or ``DenseLayer``."""
+    if isinstance(rec, DenseLayer):
+        return DenseLayer(rec.D[n0:n1])
+    return LayerBatch(rec.A[n0:n1], rec.G[n0:n1], None if rec.mask is None else rec.mask[n0:n1])
+
+
 class EKFAC:
     """EK-FAC influence of training examples on queries.
 
@@ -133,6 +153,8 @@ class EKFAC:
             with a large vocabulary, ``S`` is ``vocab²``) is an error naming it and the
             ``modules=`` way out. None: half the device's memory; ``float("inf")``: no check.
     """
+
+    force_rotation: Optional[str] = None   # "tokens" / "dense" overrides rotates_tokens' rule
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, modules=None,
                  damping: Optional[float] = None, fisher_loss_fn: Optional[Callable] = None,
@@ -294,53 +316,77 @@ class EKFAC:
         R = R * self._inv_denominator(name)
         return QS @ R @ QA.T
 
+    def rotates_tokens(self, name: str, T: int) -> bool:
+        """Whether ``Q_Sᵀ D_n Q_A`` of examples with T tokens is cheaper from rotated tokens,
+        ``(G_n Q_S)ᵀ(A_n Q_A)``: ``2·T·(din² + dout² + din·dout)`` FLOPs, than by rotating the
+        dense gradient ``G_nᵀA_n``: ``2·(T·din·dout + dout·din·(din + dout))``; i.e. whether
+        ``T·(din² + dout²) <= dout·din·(din + dout)`` (roughly T <= din·dout / (din + dout)).
+        ``force_rotation`` ("tokens" / "dense") overrides the rule (tests, benchmarks)."""
+        if self.force_rotation is not None:
+            return self.force_rotation == "tokens"
+        dout, din = self.factors[name]["lam"].shape
+        return T * (din * din + dout * dout) <= dout * din * (din + dout)
+
+    def rotated(self, name: str, rec) -> torch.Tensor:
+        """``[B, dout, din] Q_Sᵀ D_n Q_A`` of a ``LayerBatch`` or ``DenseLayer``, by the cheaper
+        of the two orders (:meth:`rotates_tokens`)."""
+        dt = self.dtype
+        L = self.factors[name]
+        if isinstance(rec, LayerBatch) and self.rotates_tokens(name, rec.A.shape[1]):
+            At = c.mask_rows(rec.A.detach().to(dt), rec.mask) @ L["QA"]
+            Gt = c.mask_rows(rec.G.detach().to(dt), rec.mask) @ L["QS"]
+            return torch.bmm(Gt.transpose(1, 2), At)
+        D = rec.D.to(dt) if isinstance(rec, DenseLayer) else rec.to(dt).dense()
+        return L["QS"].T @ D @ L["QA"]
+
     # ------------------------------------------------------------------ scoring protocol
     # (fastinf.scoring runs every loop; see docs/architecture.md)
     def terms(self):
         return [(self, 1.0, contextlib.nullcontext)]
 
     def query_layers(self, layers: Dict[str, LayerBatch], query_rank: Optional[int] = None):
-        """``H⁻¹D_q`` per layer: ``DenseLayer [Q, dout, din]``, or with ``query_rank=r`` its
-        rank-r truncated SVD ``L R`` as factors ``LayerBatch(A=R [Q, r, din], G=Lᵀ [Q, r, dout])``.
+        """The preconditioned query gradients ``H⁻¹D_q`` per layer, kept in the eigenbasis:
+        ``Eigen(X_q [Q, dout, din], Q_A, Q_S)`` with ``X_q = (Q_Sᵀ D_q Q_A) ⊘ (Λ + λ)`` (from
+        rotated tokens where cheaper, :meth:`rotated`); scores are taken against rotated train
+        tokens, ``⟨X_q, (G_n Q_S)ᵀ(A_n Q_A)⟩``, or against ``Q_S X_q Q_Aᵀ`` where rotating the
+        queries back once is cheaper (:class:`fastinf.layers.Query` decides).
+
+        With ``query_rank=r``: the rank-r truncated SVD ``X_q ≈ U S Vᵀ`` in the eigenbasis, rotated
+        back as factors (``L = Q_S U S``, ``R = Vᵀ Q_Aᵀ``, the truncated SVD of ``H⁻¹D_q`` since
+        the SVD commutes with orthogonal rotations): ``LayerBatch(A=R [Q, r, din],
+        G=Lᵀ [Q, r, dout])``, ``Q·r·(din + dout)`` numbers per layer.
 
         H⁻¹D_q is not of rank ≤ T_q in general (the ⊘ (Λ+λ) is elementwise), so exact scores
-        use the dense preconditioned gradients."""
+        keep the dense ``X_q``."""
         out = {}
         for name, lb in layers.items():
-            M = self.precondition(name, lb.to(self.dtype).dense())
+            L = self.factors[name]
+            X = self.rotated(name, lb) * self._inv_denominator(name)
             if query_rank is None:
-                out[name] = DenseLayer(M.contiguous())
+                out[name] = Eigen(X.contiguous(), L["QA"], L["QS"])
                 continue
-            r = min(query_rank, M.shape[1], M.shape[2])
-            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            out[name] = LayerBatch(Vh[:, :r, :].contiguous(),
-                                   (U[:, :, :r] * S[:, None, :r]).transpose(1, 2).contiguous())
+            r = min(query_rank, X.shape[1], X.shape[2])
+            U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+            Lt = (U[:, :, :r] * S[:, None, :r]).transpose(1, 2) @ L["QS"].T    # [Q, r, dout]
+            R = Vh[:, :r, :] @ L["QA"].T                                      # [Q, r, din]
+            out[name] = LayerBatch(R.contiguous(), Lt.contiguous())
         return out
 
     def train_layers(self, layers):
         return layers
 
     def self_layer(self, name: str, rec) -> torch.Tensor:
-        """``[B]`` ``Σ ((G_n Q_S)ᵀ (A_n Q_A))^∘2 ⊘ (Λ + λ)`` of one layer, examples in
+        """``[B]`` ``Σ (Q_Sᵀ D_n Q_A)^∘2 ⊘ (Λ + λ)`` of one layer (:meth:`rotated`), examples in
         workspace-sized tiles."""
         dt = self.dtype
         L = self.factors[name]
         inv = self._inv_denominator(name)
-        if isinstance(rec, DenseLayer):
-            def rotated(n0, n1):
-                return L["QS"].T @ rec.D[n0:n1].to(dt) @ L["QA"]
-        else:
-            At = c.mask_rows(rec.A.to(dt), rec.mask) @ L["QA"]
-            Gt = c.mask_rows(rec.G.to(dt), rec.mask) @ L["QS"]
-
-            def rotated(n0, n1):
-                return torch.bmm(Gt[n0:n1].transpose(1, 2), At[n0:n1])
         B = len(rec)
-        per = 2 * L["QS"].shape[0] * L["QA"].shape[0]
+        per = 3 * L["QS"].shape[0] * L["QA"].shape[0]
         out = torch.zeros(B, dtype=dt, device=self.device)
         nc = c.chunk(B, per * torch.finfo(dt).bits // 8)
         for n0 in range(0, B, nc):
-            R = rotated(n0, n0 + nc)
+            R = self.rotated(name, _rows(rec, n0, n0 + nc))
             out[n0:n0 + R.shape[0]] = (R * R * inv).sum((1, 2))
         return out
 

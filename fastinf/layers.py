@@ -6,7 +6,10 @@ A *record* holds one part (a tracked layer, or a projection of all layers) for B
 * :class:`LayerBatch` ``A [B, T, din]``, ``G [B, T, dout]``, ``mask [B, T]``: the factors of
   ``D_n = G_nᵀ A_n`` (capture's output);
 * :class:`DenseLayer` ``D [B, dout, din]``: materialised gradients;
-* :class:`Projected` ``X [B, K]``: projected gradients.
+* :class:`Projected` ``X [B, K]``: projected gradients;
+* :class:`Eigen` ``X [B, dout, din]`` with ``Q_A``, ``Q_S``: matrices in a Kronecker eigenbasis,
+  standing for ``Q_S X Q_Aᵀ`` (EK-FAC's preconditioned queries, never rotated back unless that
+  is cheaper).
 
 :func:`score` computes ``⟨D_q, D_n⟩_F`` for a train record against a :class:`Query` (a record of
 Q queries), whichever the two record types. Data flows method → scoring → store → layers → ops:
@@ -74,7 +77,25 @@ class Projected:
         return self.X.shape[0]
 
 
-Record = Union[LayerBatch, DenseLayer, Projected]
+@dataclass
+class Eigen:
+    """Matrices ``X [B, dout, din]`` in the eigenbasis ``(Q_S, Q_A)``: the record stands for
+    ``M = Q_S X Q_Aᵀ``. Against factors, ``⟨M, G_nᵀA_n⟩ = ⟨X, (G_n Q_S)ᵀ(A_n Q_A)⟩``: the train
+    tokens are rotated once per train batch (shared by every query) and ``X`` is never rotated
+    back (see :meth:`Query._eigen_rotates_train` for when rotating back is cheaper)."""
+    X: torch.Tensor    # [B, dout, din]
+    QA: torch.Tensor   # [din, din] eigenvectors (columns)
+    QS: torch.Tensor   # [dout, dout]
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        """``[B, dout, din] Q_S X Q_Aᵀ`` (``2·B·dout·din·(din + dout)`` FLOPs)."""
+        return self.QS @ self.X @ self.QA.T
+
+
+Record = Union[LayerBatch, DenseLayer, Projected, Eigen]
 
 
 def cat_records(records: List[Record]) -> Record:
@@ -85,6 +106,8 @@ def cat_records(records: List[Record]) -> Record:
         return DenseLayer(torch.cat([r.D for r in records], 0))
     if isinstance(first, Projected):
         return Projected(torch.cat([r.X for r in records], 0))
+    if isinstance(first, Eigen):
+        return Eigen(torch.cat([r.X for r in records], 0), first.QA, first.QS)
     S = max(r.A.shape[1] for r in records)
     A = torch.cat([F.pad(r.A, (0, 0, 0, S - r.A.shape[1])) for r in records], 0)
     G = torch.cat([F.pad(r.G, (0, 0, 0, S - r.G.shape[1])) for r in records], 0)
@@ -112,6 +135,7 @@ class Query:
         self.rec = rec
         self._dense: Optional[torch.Tensor] = None
         self.use_dense: Optional[bool] = None
+        self.rotated_flops = 0.0   # Eigen: FLOPs spent so far rotating train tokens
 
     def __len__(self) -> int:
         return len(self.rec)
@@ -121,6 +145,8 @@ class Query:
         if self._dense is None:
             self._dense = self.rec.D if isinstance(self.rec, DenseLayer) else \
                 self.rec.dense().contiguous()
+            if isinstance(self.rec, Eigen):   # rotated back: X is no longer needed
+                self.rec = DenseLayer(self._dense)
         return self._dense
 
     def _prefer_dense(self, train: LayerBatch) -> bool:
@@ -136,6 +162,24 @@ class Query:
         return self.use_dense
 
 
+    def _eigen_rotates_train(self, train: LayerBatch) -> bool:
+        """Eigen queries against a factor train batch: rotate the batch's tokens into the
+        eigenbasis (``2·B·T·(din² + dout²)`` FLOPs per batch) or rotate the queries back once
+        (``2·Q·dout·din·(din + dout)``, then free for every later batch)? The total train size
+        is unknown here, so: rotate tokens while the FLOPs spent on that stay within the one-off
+        cost of rotating back, then rotate back (at most 2× the better choice in hindsight)."""
+        if self._dense is not None:
+            return False
+        B, T, din = train.A.shape
+        dout = train.G.shape[2]
+        per_batch = 2.0 * B * T * (din * din + dout * dout)
+        back = 2.0 * len(self.rec) * dout * din * (din + dout)
+        if self.rotated_flops + per_batch <= back:
+            self.rotated_flops += per_batch
+            return True
+        return False
+
+
 def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = None,
           per_token: bool = False) -> torch.Tensor:
     """``[B, Q]`` ``⟨D_q, D_n⟩_F`` of a train record against the queries, computed in ``dtype``;
@@ -149,7 +193,10 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
     if isinstance(train, DenseLayer):
         return train.D.to(dtype).flatten(1) @ q.dense().flatten(1).T
     A, G = train.A.detach().to(dtype), train.G.detach().to(dtype)
-    if isinstance(r, LayerBatch) and not q._prefer_dense(train):
+    if isinstance(r, Eigen) and q._eigen_rotates_train(train):
+        s = score_dense(A @ r.QA.to(dtype), G @ r.QS.to(dtype), r.X.to(dtype),
+                        a_mask=train.mask, backend=backend)
+    elif isinstance(r, LayerBatch) and not q._prefer_dense(train):
         s = score_factored(A, G, r.A, r.G, a_mask=train.mask, v_mask=r.mask, backend=backend)
     else:
         s = score_dense(A, G, q.dense(), a_mask=train.mask, backend=backend)
