@@ -97,7 +97,13 @@ def _scores_of(method, query, train, batch_size, rows):
 
 
 def _norms(method, data, batch_size, what) -> torch.Tensor:
-    s = method.self_scores(data, batch_size=batch_size).double().cpu()
+    if what == "target" and getattr(method, "preconditioner", None) is not None:
+        # an asymmetric inner product (TracIn with preconditioner="adam": Adam directions on the
+        # training side, plain gradients on the query side): self_scores measures the training
+        # side's norm, so the target's norm comes from its query-side features
+        s = method.features(data, batch_size, side="query").double().pow(2).sum(1)
+    else:
+        s = method.self_scores(data, batch_size=batch_size).double().cpu()
     if bool((s < 0).any()):
         i = int(torch.argmin(s))
         raise ValueError(f"normalize='cosine' needs non-negative self-influence (it is the squared "

@@ -475,3 +475,22 @@ def test_adam_and_pca_on_cuda_match_cpu(tmp_path):
             torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_for_target_cosine_with_adam_uses_each_sides_norm(tmp_path):
+    """LESS selection: cosine between plain target gradients and Adam training directions, each
+    normalised by its own norm (the target's from its query-side features, not from ‖Γ‖²)."""
+    from fastinf import selection
+
+    model = _net()
+    data = _data(32, 5, shape=(2, 5, 5), classes=3)
+    w, opt_sd = _train_adam(model, data, 3, named=False)
+    tr, tgt = _data(12, 7, (2, 5, 5), 3), _data(5, 8, (2, 5, 5), 3)
+    ti = fastinf.TracIn(model, ce_loss, checkpoints=[(w, 0.5, opt_sd)], preconditioner="adam",
+                        projection=fastinf.RandomProjection(64, seed=1), progress=False)
+    Xn = ti.features(tr).double()
+    Xq = ti.features(tgt, side="query").double()
+    cos = (Xq / Xq.norm(dim=1, keepdim=True)) @ (Xn / Xn.norm(dim=1, keepdim=True)).T
+    idx, score = selection.for_target(ti, tr, tgt, k=12, batch_size=4)
+    torch.testing.assert_close(score, cos.amax(0)[idx], rtol=1e-4, atol=1e-6)
+    assert torch.equal(idx, torch.sort(cos.amax(0), descending=True, stable=True).indices)
