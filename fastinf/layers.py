@@ -127,9 +127,14 @@ def op_flops(op: str, **dims) -> float:
 
 
 class Query:
-    """The query side of one part: a record of Q queries, its dense form built at most once,
-    and (for factors) whether scoring goes through that dense form, decided by FLOPs at the
-    first train batch."""
+    """The query side of one part: a record of Q queries and how it is scored.
+
+    Dense and eigenbasis queries keep one ``[Q, dout, din]`` form (an ``Eigen`` record rotated
+    back replaces its ``X``: no growth). Factor queries (TracIn's query tokens, EK-FAC's rank-r
+    factors) hold ``Q·S·(din + dout)`` numbers; scoring them through their dense form
+    ``D_q = U_qᵀ V_q`` is decided by FLOPs at the first train batch, counting the rebuild, and the
+    dense form is then rebuilt per train batch in query chunks bounded by the workspace and
+    dropped: the query side never grows to ``Q·dout·din`` (rank-r is a memory tool)."""
 
     def __init__(self, rec: Record):
         self.rec = rec
@@ -151,15 +156,27 @@ class Query:
 
     def _prefer_dense(self, train: LayerBatch) -> bool:
         if self.use_dense is None:
-            # score_factored against the query tokens vs score_dense against D_q = G_qᵀ A_q;
-            # D_q is built once and kept only if it fits the workspace.
+            # score_factored against the query factors vs score_dense against D_q = U_qᵀ V_q
+            # rebuilt for this train batch (2·Q·S·dout·din FLOPs, not kept)
             N, T, din = train.A.shape
             Q, S, dout = self.rec.G.shape
             f_fact = op_flops("score_factored", N=N, T=T, Q=Q, S=S, din=din, dout=dout)
-            f_dense = op_flops("score_dense", N=N, T=T, Q=Q, din=din, dout=dout)
-            size = Q * dout * din * self.rec.G.element_size()
-            self.use_dense = f_dense < f_fact and size <= 4 * c.workspace_bytes()
+            f_dense = (op_flops("score_dense", N=N, T=T, Q=Q, din=din, dout=dout)
+                       + 2.0 * Q * S * dout * din)
+            self.use_dense = f_dense < f_fact
         return self.use_dense
+
+    def dense_chunks(self):
+        """``(q0, D [q, dout, din])`` over the queries: the kept dense form in one piece, or a
+        factor record's dense form rebuilt in workspace-sized query chunks (not kept)."""
+        r = self.rec
+        if not isinstance(r, LayerBatch):
+            yield 0, self.dense()
+            return
+        qc = c.chunk(len(r), r.dout * r.din * r.G.element_size())
+        for q0 in range(0, len(r), qc):
+            m = None if r.mask is None else r.mask[q0:q0 + qc]
+            yield q0, LayerBatch(r.A[q0:q0 + qc], r.G[q0:q0 + qc], m).dense()
 
 
     def _eigen_rotates_train(self, train: LayerBatch) -> bool:
@@ -191,7 +208,8 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
     if isinstance(r, Projected):
         return train.X.to(dtype) @ r.X.to(dtype).T
     if isinstance(train, DenseLayer):
-        return train.D.to(dtype).flatten(1) @ q.dense().flatten(1).T
+        D = train.D.to(dtype).flatten(1)
+        return torch.cat([D @ Dq.to(dtype).flatten(1).T for _, Dq in q.dense_chunks()], 1)
     A, G = train.A.detach().to(dtype), train.G.detach().to(dtype)
     if isinstance(r, Eigen) and q._eigen_rotates_train(train):
         s = score_dense(A @ r.QA.to(dtype), G @ r.QS.to(dtype), r.X.to(dtype),
@@ -199,7 +217,8 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
     elif isinstance(r, LayerBatch) and not q._prefer_dense(train):
         s = score_factored(A, G, r.A, r.G, a_mask=train.mask, v_mask=r.mask, backend=backend)
     else:
-        s = score_dense(A, G, q.dense(), a_mask=train.mask, backend=backend)
+        s = torch.cat([score_dense(A, G, Dq.to(A.dtype), a_mask=train.mask, backend=backend)
+                       .to(dtype) for _, Dq in q.dense_chunks()], 1)
     return s.to(dtype)
 
 
@@ -227,20 +246,21 @@ def score_tokens(train: Record, q: Query, dtype: torch.dtype) -> torch.Tensor:
         Q, S = V.shape[:2]
         per = 2 * T * Q * S
     else:
-        M = q.dense().to(dtype)                                 # [Q, dout, din]
-        Q = M.shape[0]
+        Q = len(q)
         per = T * Q * dout
     out = torch.empty(B, Q, T, dtype=dtype, device=A.device)
     nb = c.chunk(B, per * torch.finfo(dtype).bits // 8)
-    for b0 in range(0, B, nb):
-        a, g = A[b0:b0 + nb], G[b0:b0 + nb]
-        if factors:
-            ka = torch.einsum("btd,qsd->bqts", a, V)
-            kg = torch.einsum("bte,qse->bqts", g, U)
+    if factors:
+        for b0 in range(0, B, nb):
+            ka = torch.einsum("btd,qsd->bqts", A[b0:b0 + nb], V)
+            kg = torch.einsum("bte,qse->bqts", G[b0:b0 + nb], U)
             out[b0:b0 + nb] = (ka * kg).sum(3)
-        else:
-            Ma = torch.einsum("qed,btd->bqte", M, a)            # M_q a_t
-            out[b0:b0 + nb] = (Ma * g[:, None]).sum(3)
+        return out
+    for q0, M in q.dense_chunks():                              # [q, dout, din]
+        M = M.to(dtype)
+        for b0 in range(0, B, nb):
+            Ma = torch.einsum("qed,btd->bqte", M, A[b0:b0 + nb])  # M_q a_t
+            out[b0:b0 + nb, q0:q0 + M.shape[0]] = (Ma * G[b0:b0 + nb, None]).sum(3)
     return out
 
 

@@ -7,6 +7,7 @@ import torch
 
 import fastinf
 import fastinf.scoring as scoring
+from fastinf import layers
 from _models import TinyTransformer, tf_loss, token_data
 from _models import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
@@ -183,3 +184,28 @@ def test_query_memory_does_not_grow_with_the_query_count(monkeypatch, query_rank
             # token counts differ between query batches (padding to the batch's longest), so
             # allow a little slack; keeping the earlier batches would make it ~4x
             assert large <= 1.5 * small, (how, name, small, large)
+
+
+def test_factor_queries_scored_densely_never_keep_the_dense_form(monkeypatch):
+    """Rank-r / token-factor queries whose dense form is cheaper to score against are rebuilt per
+    train batch in workspace-sized query chunks and dropped: the query side stays Q·r·(din+dout)
+    (it held Q·dout·din per layer before: 4.9 GB at rank 32 on the d=256 transformer bench)."""
+    g = torch.Generator().manual_seed(0)
+    Q, r, din, dout, N, T = 10, 2, 17, 13, 6, 9
+    V = torch.randn(Q, r, din, generator=g, dtype=torch.float64)
+    U = torch.randn(Q, r, dout, generator=g, dtype=torch.float64)
+    A = torch.randn(N, T, din, generator=g, dtype=torch.float64)
+    G = torch.randn(N, T, dout, generator=g, dtype=torch.float64)
+    ref = torch.einsum("qso,qsi,nto,nti->nq", U, V, G, A)
+    monkeypatch.setenv("FASTINF_WORKSPACE_MB", str(3 * dout * din * 8 / 2**20))  # 3 queries/chunk
+    q = layers.Query(layers.LayerBatch(V, U, None))
+    q.use_dense = True
+    got = layers.score(layers.LayerBatch(A, G, None), q, torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert q._dense is None and isinstance(q.rec, layers.LayerBatch)
+    chunks = [D.shape[0] for _, D in q.dense_chunks()]
+    assert chunks == [3, 3, 3, 1]
+    dense_train = layers.DenseLayer(torch.einsum("nto,nti->noi", G, A))
+    torch.testing.assert_close(layers.score(dense_train, q, torch.float64), ref, rtol=1e-12,
+                               atol=1e-12)
+    assert q._dense is None
