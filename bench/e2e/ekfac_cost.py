@@ -18,11 +18,10 @@ Rows are appended to ``bench/results/ekfac_cost.csv``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import logging
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,91 +30,43 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(_ROOT / "bench"))
 from _util import append_rows, device_name  # noqa: E402
 
+# bench/peers is not put on sys.path: its kronfluence.py would shadow the kronfluence package
+_spec = importlib.util.spec_from_file_location("_peer_models", _ROOT / "bench" / "peers" / "_models.py")
+M = sys.modules["_peer_models"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(M)
+loss_fn, token_mask_fn = M.loss_fn, M.token_mask_fn
+
 STEPS = ("plain", "fit", "pairwise", "pairwise_rank32", "self")
 RANK = 32
 
 
 # ----------------------------------------------------------------------------- model and data
-class Block(nn.Module):
-    def __init__(self, d, heads, mlp):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.fc1, self.fc2 = nn.Linear(d, mlp), nn.Linear(mlp, d)
-
-    def forward(self, x, key_mask):
-        B, T, d = x.shape
-        h = self.ln1(x)
-        q, k, v = (p(h).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & key_mask[:, None, None, :]
-        allowed = allowed | torch.eye(T, dtype=torch.bool)
-        att = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).masked_fill(~allowed, -math.inf)
-        x = x + self.o((att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class CausalLM(nn.Module):
-    def __init__(self, s):
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(s["vocab"], s["d"]), nn.Embedding(s["T"], s["d"])
-        self.blocks = nn.ModuleList(Block(s["d"], s["heads"], 4 * s["d"]) for _ in range(s["layers"]))
-        self.ln = nn.LayerNorm(s["d"])
-        self.lm_head = nn.Linear(s["d"], s["vocab"], bias=False)
-
-    def forward(self, ids, mask):
-        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
-        for b in self.blocks:
-            x = b(x, mask.bool())
-        return self.lm_head(self.ln(x))
-
-
-def loss_fn(model, batch):
-    ids, mask, labels = batch
-    logits = model(ids, mask)
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
-                           reduction="none").sum(1)
-
-
-def token_mask_fn(batch):
-    return batch[1].bool()
-
-
-def make_tokens(n, s, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, s["vocab"], (n, s["T"]), generator=g)
-    lengths = torch.full((n,), s["T"])
-    padded = torch.rand(n, generator=g) < 1 / 3
-    lengths[padded] = torch.randint(s["T"] // 4, s["T"], (int(padded.sum()),), generator=g)
-    mask = (torch.arange(s["T"])[None] < lengths[:, None]).long()
-    ids = ids.masked_fill(mask == 0, 0)
-    return ids, mask, ids.masked_fill(mask == 0, -100)
+# The same pre-LN transformer, tokens and loss as bench/peers/transformer.py (bench/peers/_models.py).
+def _shapes(s) -> M.Shapes:
+    return M.Shapes(n_train=s["n_train"], n_query=s["n_query"], T=s["T"], d=s["d"],
+                    layers=s["layers"], heads=s["heads"], vocab=s["vocab"], mlp=4 * s["d"],
+                    batch_size=s["batch"])
 
 
 def setup(work: Path, s):
+    sh = _shapes(s)
     torch.manual_seed(0)
-    model = CausalLM(s)
-    train, query = make_tokens(s["n_train"], s, 1), make_tokens(s["n_query"], s, 2)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for i in range(10):   # a few steps away from the symmetric initialisation
-        lo = (i * s["batch"]) % s["n_train"]
-        opt.zero_grad()
-        loss_fn(model, tuple(t[lo:lo + s["batch"]] for t in train)).mean().backward()
-        opt.step()
+    model = M.CausalLM(sh)
+    train, query = M.make_tokens(sh.n_train, sh, 1), M.make_tokens(sh.n_query, sh, 2)
+    M.train_briefly(model, train, 10, sh.batch_size)  # away from the symmetric initialisation
     torch.save(model.state_dict(), work / "model.pt")
     torch.save(dict(train=train, query=query), work / "data.pt")
 
 
 # ----------------------------------------------------------------------------- steps (children)
 def _load(work, s):
-    model = CausalLM(s)
+    model = M.CausalLM(_shapes(s))
     model.load_state_dict(torch.load(work / "model.pt", weights_only=True))
     d = torch.load(work / "data.pt", weights_only=True)
     return model.eval(), d["train"], d["query"]
@@ -158,55 +109,9 @@ def step_fastinf(step, work, s, tag):
 
 
 def step_kronfluence(step, work, s, tag):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-    from kronfluence.utils.dataset import DataLoaderKwargs
-    from torch.utils.data import TensorDataset
-
     model, train, query = _load(work, s)
-    names = _names(model)
-
-    class LMTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            return loss_fn(model, batch).sum()
-
-        def compute_measurement(self, batch, model):
-            return loss_fn(model, batch).sum()
-
-        def get_influence_tracked_modules(self):
-            return names
-
-        def get_attention_mask(self, batch):
-            return batch[1]
-
-    task = LMTask()
-    model = prepare_model(model, task)
-    an = Analyzer(analysis_name="tf", model=model, task=task, cpu=True, disable_tqdm=True,
-                  output_dir=str(work / "kronfluence"), log_level=logging.WARNING)
-    dl = DataLoaderKwargs(num_workers=0)
-    tds, qds = TensorDataset(*train), TensorDataset(*query)
-    bs = s["batch"]
-    sargs = ScoreArguments(damping_factor=None,
-                           query_gradient_low_rank=RANK if step == "pairwise_rank32" else None)
-    t0 = time.perf_counter()
-    if step == "fit":
-        an.fit_all_factors("f", tds, per_device_batch_size=bs, dataloader_kwargs=dl,
-                           factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
-                           overwrite_output_dir=True)
-    elif step == "self":
-        an.compute_self_scores(step, "f", tds, per_device_train_batch_size=bs, dataloader_kwargs=dl,
-                               score_args=sargs, overwrite_output_dir=True)
-    else:
-        an.compute_pairwise_scores(step, "f", qds, tds, per_device_query_batch_size=bs,
-                                   per_device_train_batch_size=bs, dataloader_kwargs=dl,
-                                   score_args=sargs, overwrite_output_dir=True)
-    dt = time.perf_counter() - t0
-    if step == "self":
-        torch.save(an.load_self_scores(step)["all_modules"].float(), work / f"{tag}_{step}.pt")
-    elif step != "fit":
-        torch.save(an.load_pairwise_scores(step)["all_modules"].float(), work / f"{tag}_{step}.pt")
-    return dt
+    return M.kronfluence_step(model, _names(model), train, query, step, s["batch"], RANK, work,
+                              work / f"{tag}_{step}.pt")[0]
 
 
 def worker(spec):

@@ -11,6 +11,7 @@ Everything is seeded: a model built twice from the same shapes has the same weig
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -170,3 +171,64 @@ def train_briefly(model: nn.Module, data, steps: int, batch_size: int) -> nn.Mod
         loss_fn(model, b).mean().backward()
         opt.step()
     return model.eval()
+
+
+def kronfluence_step(model, names, train, query, step: str, batch_size: int, rank: int,
+                     work, scores_path, before=lambda: None):
+    """One Kronfluence step (EK-FAC, empirical Fisher, damping heuristic) on ``model`` tracking
+    ``names``: ``"fit"`` (factors "f" under ``work/kronfluence``), ``"pairwise"``,
+    ``"pairwise_rank32"`` (``query_gradient_low_rank=rank``) or ``"self"`` (scores saved to
+    ``scores_path``). ``before()`` runs right before the timed call (e.g. to read the setup RSS).
+    Returns ``(seconds, before())``. Shared by bench/peers/transformer.py and
+    bench/e2e/ekfac_cost.py; kronfluence is imported here, when a step runs."""
+    import logging
+    from pathlib import Path
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
+    from torch.utils.data import TensorDataset
+
+    class LMTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            assert not sample  # empirical Fisher
+            return loss_fn(model, batch).sum()
+
+        def compute_measurement(self, batch, model):
+            return loss_fn(model, batch).sum()
+
+        def get_influence_tracked_modules(self):
+            return names
+
+        def get_attention_mask(self, batch):
+            return batch[1]
+
+    task = LMTask()
+    an = Analyzer(analysis_name="lm", model=prepare_model(model, task), task=task, cpu=True,
+                  disable_tqdm=True, output_dir=str(Path(work) / "kronfluence"),
+                  log_level=logging.WARNING)
+    dl = DataLoaderKwargs(num_workers=0)
+    tds, qds = TensorDataset(*train), TensorDataset(*query)
+    bs = batch_size
+    sargs = ScoreArguments(damping_factor=None,
+                           query_gradient_low_rank=rank if step == "pairwise_rank32" else None)
+    mark = before()
+    t0 = time.perf_counter()
+    if step == "fit":
+        an.fit_all_factors("f", tds, per_device_batch_size=bs, dataloader_kwargs=dl,
+                           factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+                           overwrite_output_dir=True)
+    elif step == "self":
+        an.compute_self_scores(step, "f", tds, per_device_train_batch_size=bs, dataloader_kwargs=dl,
+                               score_args=sargs, overwrite_output_dir=True)
+    else:
+        an.compute_pairwise_scores(step, "f", qds, tds, per_device_query_batch_size=bs,
+                                   per_device_train_batch_size=bs, dataloader_kwargs=dl,
+                                   score_args=sargs, overwrite_output_dir=True)
+    dt = time.perf_counter() - t0
+    if step == "self":
+        torch.save(an.load_self_scores(step)["all_modules"].float(), scores_path)
+    elif step != "fit":
+        torch.save(an.load_pairwise_scores(step)["all_modules"].float(), scores_path)
+    return dt, mark

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import resource
 import subprocess
@@ -104,57 +103,10 @@ def _fastinf_step(step, work, case, s):
 
 
 def _kronfluence_step(step, work, case, s):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-    from kronfluence.utils.dataset import DataLoaderKwargs
-    from torch.utils.data import TensorDataset
-
     names = json.loads((work / "tracked.json").read_text())["tracked"]
-
-    class LMTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            assert not sample  # empirical Fisher
-            return M.loss_fn(model, batch).sum()
-
-        def compute_measurement(self, batch, model):
-            return M.loss_fn(model, batch).sum()
-
-        def get_influence_tracked_modules(self):
-            return names
-
-        def get_attention_mask(self, batch):
-            return batch[1]
-
     model, train, query = _load(work, case, s, True)
-    task = LMTask()
-    model = prepare_model(model, task)
-    an = Analyzer(analysis_name=case, model=model, task=task, cpu=True, disable_tqdm=True,
-                  output_dir=str(work / "kronfluence"), log_level=logging.WARNING)
-    dl = DataLoaderKwargs(num_workers=0)
-    tds, qds = TensorDataset(*train), TensorDataset(*query)
-    bs = s.batch_size
-    sargs = ScoreArguments(damping_factor=None,
-                           query_gradient_low_rank=RANK if step == "pairwise_rank32" else None)
-    setup = _maxrss_mib()
-    t0 = time.perf_counter()
-    if step == "fit":
-        an.fit_all_factors("f", tds, per_device_batch_size=bs, dataloader_kwargs=dl,
-                           factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
-                           overwrite_output_dir=True)
-    elif step == "self":
-        an.compute_self_scores(step, "f", tds, per_device_train_batch_size=bs, dataloader_kwargs=dl,
-                               score_args=sargs, overwrite_output_dir=True)
-    else:
-        an.compute_pairwise_scores(step, "f", qds, tds, per_device_query_batch_size=bs,
-                                   per_device_train_batch_size=bs, dataloader_kwargs=dl,
-                                   score_args=sargs, overwrite_output_dir=True)
-    dt = time.perf_counter() - t0
-    if step == "self":
-        torch.save(an.load_self_scores(step)["all_modules"].float(), work / f"kronfluence_{step}.pt")
-    elif step != "fit":
-        torch.save(an.load_pairwise_scores(step)["all_modules"].float(),
-                   work / f"kronfluence_{step}.pt")
+    dt, setup = M.kronfluence_step(model, names, train, query, step, s.batch_size, RANK, work,
+                                   work / f"kronfluence_{step}.pt", before=_maxrss_mib)
     return dict(seconds=dt, setup_mib=setup)
 
 
