@@ -4,9 +4,14 @@ Baselines: ``materialize`` (per-example gradients for all examples, then one GEM
 flattened M) and ``einsum_token`` (torch.einsum through the [N, T, Q, dout] intermediate); the
 faster is ``best_torch``. Usage: ``python bench/ops/score_dense.py [--quick]``.
 """
+import sys
+from pathlib import Path
+
 import torch
 
-from _runner import parse, run
+# the runner beside this file, also under PYTHONSAFEPATH=1 (bench/gpu_check.sh sets it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import parse, run  # noqa: E402
 
 from fastinf.ops import score_dense
 from fastinf.ops.score_dense import CONTRACTIONS

@@ -4,9 +4,14 @@ Baselines: ``materialize`` (per-example gradients for all examples, then one GEM
 library without factored kernels does) and ``einsum_factored`` (torch.einsum in the ghost order);
 the faster baseline is ``best_torch``. Usage: ``python bench/ops/score_factored.py [--quick]``.
 """
+import sys
+from pathlib import Path
+
 import torch
 
-from _runner import parse, run
+# the runner beside this file, also under PYTHONSAFEPATH=1 (bench/gpu_check.sh sets it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import parse, run  # noqa: E402
 
 from fastinf.ops import score_factored
 from fastinf.ops.score_factored import CONTRACTIONS
