@@ -3,12 +3,12 @@
 # nvcc into a private site folder, run the gpu-marked tests AGAINST THAT INSTALLED PACKAGE (never
 # the source tree, which has no compiled _C), run the op benchmarks, report under $OUT.
 #
-#   device tool: run(command="bash bench/gpu_check.sh", timeout_s=420)
+#   device tool: run(command="bash bench/gpu_check.sh", timeout_s=540)
 #   (carry ".gpu-wheels" only if tools/fetch_gpu_wheels.sh was needed: the image has the build deps)
 #
 # Budget: everything ends within FASTINF_GPU_BUDGET_S (default 345 s, under 6 minutes; the build
 # capped at 170 s): each step runs under `timeout` for min(its cap, what is left), so the caps can
-# never add up past it. Steps: build 170 + preflight 30 + tests 130 + benchmarks 130 (cut to fit).
+# never add up past it. Steps: build 170 + preflight 30 + tests 130 + op benchmarks 130 + end-to-end 110 (cut to fit).
 # Returned files (the device returns at most 8): $OUT/report.md, $OUT/logs.txt (every step's log,
 # appended as the step ends), $OUT/ops.csv (bench/results/ops.csv, copied after each benchmark).
 # Exit status: 0 all passed, or no GPU visible (a dry run: build + CPU preflight, GPU steps
@@ -63,7 +63,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then GPU=1
   echo
 } >"$REPORT"
 # Without a GPU no device time is spent: a dry run on a small shared machine may build slowly.
-if [ $GPU = 1 ]; then BUDGET=${FASTINF_GPU_BUDGET_S:-345}; BUILD_CAP=${FASTINF_GPU_BUILD_S:-170}
+if [ $GPU = 1 ]; then BUDGET=${FASTINF_GPU_BUDGET_S:-460}; BUILD_CAP=${FASTINF_GPU_BUILD_S:-170}
 else BUDGET=${FASTINF_GPU_BUDGET_S:-1500}; BUILD_CAP=${FASTINF_GPU_BUILD_S:-1200}; fi
 [ $GPU = 0 ] && note "**DRY RUN: no GPU visible (nvidia-smi finds none).** The build and the CPU preflight run; the GPU tests and benchmarks are skipped."
 
@@ -133,5 +133,9 @@ for spec in score_factored:40 score_dense:30 ekfac_lambda:20 kron_project:20 jl_
   cp "$ROOT/bench/results/ops.csv" "$OUT/ops.csv" 2>/dev/null
   grep -E "^[0-9]+x|auto:|x$" "$WORK/step.log" | head -12 | sed 's/^/    /' >>"$REPORT"
 done
+# ---- end to end: a d=256 and a d=768 causal transformer, fastinf vs naive per-example gradients
+run_step "bench e2e gpu_transformer" 110 env PYTHONUNBUFFERED=1 $PY "$ROOT/bench/e2e/gpu_transformer.py" --device cuda
+cp "$ROOT/bench/results/e2e_gpu.csv" "$OUT/e2e_gpu.csv" 2>/dev/null
+grep -E "^\[|^  [a-z_]+ +[0-9]" "$WORK/step.log" | sed 's/^/    /' >>"$REPORT"
 note "Done in $(elapsed) s (budget $BUDGET s), exit $status. Files: $(ls "$OUT" | tr '\n' ' ')"
 exit $status
