@@ -305,6 +305,9 @@ class EKFAC:
 
     # ------------------------------------------------------------------ preconditioning
     def _inv_denominator(self, name):
+        """``1 / (Λ + λ)`` of layer ``name``, recomputed per call. Not cached: it costs 0.13 ms
+        for a 1024×257 layer (1 thread) against 750 ms for rotating 64 queries of it, and a cache
+        would hold a second Λ per layer outside ``max_factor_memory``."""
         L = self.factors[name]
         return 1.0 / (L["lam"] + L["damping"])
 
@@ -329,7 +332,7 @@ class EKFAC:
 
     def rotated(self, name: str, rec) -> torch.Tensor:
         """``[B, dout, din] Q_Sᵀ D_n Q_A`` of a ``LayerBatch`` or ``DenseLayer``, by the cheaper
-        of the two orders (:meth:`rotates_tokens`)."""
+        of the two orders (:meth:`rotates_tokens`); a fresh tensor (callers scale it in place)."""
         dt = self.dtype
         L = self.factors[name]
         if isinstance(rec, LayerBatch) and self.rotates_tokens(name, rec.A.shape[1]):
@@ -351,25 +354,25 @@ class EKFAC:
         tokens, ``⟨X_q, (G_n Q_S)ᵀ(A_n Q_A)⟩``, or against ``Q_S X_q Q_Aᵀ`` where rotating the
         queries back once is cheaper (:class:`fastinf.layers.Query` decides).
 
-        With ``query_rank=r``: the rank-r truncated SVD ``X_q ≈ U S Vᵀ`` in the eigenbasis, rotated
-        back as factors (``L = Q_S U S``, ``R = Vᵀ Q_Aᵀ``, the truncated SVD of ``H⁻¹D_q`` since
-        the SVD commutes with orthogonal rotations): ``LayerBatch(A=R [Q, r, din],
-        G=Lᵀ [Q, r, dout])``, ``Q·r·(din + dout)`` numbers per layer.
+        With ``query_rank=r``: the best rank-r approximation ``X_q ≈ L Rᵀ`` in the eigenbasis
+        (the truncated SVD, exact, from the Gram on the smaller side: ``ops._common.truncated_svd``),
+        rotated back as factors (``Q_S L``, ``Q_A R``: the truncated SVD of ``H⁻¹D_q``, since the
+        SVD commutes with orthogonal rotations): ``LayerBatch(A=(Q_A R)ᵀ [Q, r, din],
+        G=(Q_S L)ᵀ [Q, r, dout])``, ``Q·r·(din + dout)`` numbers per layer.
 
         H⁻¹D_q is not of rank ≤ T_q in general (the ⊘ (Λ+λ) is elementwise), so exact scores
         keep the dense ``X_q``."""
         out = {}
         for name, lb in layers.items():
             L = self.factors[name]
-            X = self.rotated(name, lb) * self._inv_denominator(name)
+            X = self.rotated(name, lb).mul_(self._inv_denominator(name))    # a fresh tensor
             if query_rank is None:
                 out[name] = Eigen(X.contiguous(), L["QA"], L["QS"])
                 continue
-            r = min(query_rank, X.shape[1], X.shape[2])
-            U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-            Lt = (U[:, :, :r] * S[:, None, :r]).transpose(1, 2) @ L["QS"].T    # [Q, r, dout]
-            R = Vh[:, :r, :] @ L["QA"].T                                      # [Q, r, din]
-            out[name] = LayerBatch(R.contiguous(), Lt.contiguous())
+            Lf, Rf = c.truncated_svd(X, query_rank)          # X ≈ Lf Rfᵀ, [Q, dout|din, r]
+            del X
+            out[name] = LayerBatch((Rf.mT @ L["QA"].T).contiguous(),      # [Q, r, din]
+                                   (Lf.mT @ L["QS"].T).contiguous())      # [Q, r, dout]
         return out
 
     def train_layers(self, layers):

@@ -43,12 +43,12 @@ def test_forced_forms_match_brute_force(case, monkeypatch, rotation, basis):
     assert rel(ek.self_scores(train, batch_size=7), self_ref) < 1e-6
 
 
+@pytest.mark.parametrize("r", [1, 2, 4])    # 4: at least min(dout, din) for some layers
 @pytest.mark.parametrize("rotation", ["tokens", "dense"])
-def test_rank_r_is_the_truncated_svd_of_the_preconditioned_gradient(case, monkeypatch, rotation):
+def test_rank_r_is_the_truncated_svd_of_the_preconditioned_gradient(case, monkeypatch, rotation, r):
     ek, train, names, fac, D = case
     monkeypatch.setattr(ek, "force_rotation", rotation)
     q = tuple(t[:3] for t in train)
-    r = 2
     Mr = {}
     for n in names:
         f = fac[n]

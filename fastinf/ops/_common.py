@@ -224,3 +224,49 @@ def has_nonfinite(out: torch.Tensor, check_finite: Optional[bool]) -> bool:
     if bool(torch.isfinite(out.sum())):
         return False
     return not bool(torch.isfinite(out).all())
+
+
+def truncated_svd(X: torch.Tensor, r: int, eigh_device=None):
+    """``(L [B, m, k], R [B, n, k])`` with ``L Rᵀ`` the best rank-``k`` approximation of each
+    matrix of ``X [B, m, n]`` (its rank-k truncated SVD ``U_k S_k V_kᵀ``), ``k = min(r, m, n)``;
+    in ``X``'s dtype and device.
+
+    Exact, not randomized: the top-k eigenvectors ``V`` of the Gram matrix on the smaller side
+    (``X Xᵀ`` when m <= n, else ``Xᵀ X``; ``[B, s, s]``, s = min(m, n)) span the top-k singular
+    subspace, so ``V Vᵀ X`` (or ``X V Vᵀ``) is ``U_k S_k V_kᵀ``. The factors are ``V`` (orthonormal)
+    and ``Xᵀ V`` (or ``X V``): nothing is divided by a singular value, so zero and rank-deficient
+    matrices give exact (zero) factors, never NaN. The Gram, its eigendecomposition and the
+    second factor are computed in float64 (the Gram squares the condition number; float64 keeps
+    the subspace as accurate as a float32 SVD of X), then cast. ``r >= min(m, n)`` returns the
+    matrix itself (``X`` and an identity factor, an expanded view). Cost: the Gram
+    (``2·B·s²·max(m, n)`` FLOPs) and one ``s × s`` eigh per matrix, against one ``m × n`` SVD
+    per matrix for ``torch.linalg.svd`` (measured: bench/e2e/truncated_svd.py).
+
+    CUDA: batched ``torch.linalg.svd`` and ``torch.linalg.eigh`` of matrices wider than 32 run
+    one cuSOLVER call per matrix (gesvd / syevd: latency-bound, many small kernels each and
+    host round trips; an H200 spent 54 s in the SVDs of the d=256 transformer's rank-32 queries,
+    more than the same SVDs on 2 CPU threads). So by default (``eigh_device=None``) the Gram is
+    formed on the GPU (the FLOPs), moved to the host (``B·s²`` float64, 34 MB for 64 queries of
+    a 257-wide layer), eigendecomposed there by LAPACK, and the k eigenvectors (``B·s·k``) moved
+    back; the values are then the CPU path's (same LAPACK call) up to the rounding of the
+    Gram. Unmeasured on a GPU so far: ``eigh_device="cuda"`` keeps the eigh on the GPU, and
+    bench/e2e/truncated_svd.py times both with the SVD baseline, to revisit the default with.
+    """
+    check_tensor("truncated_svd", "X", X, ("B", "m", "n"))
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"truncated_svd: argument 'r' must be a positive int, got {r!r}")
+    B, m, n = X.shape
+    s = min(m, n)
+    k = min(r, s)
+    if k == s:      # the matrix itself, an identity factor on the smaller side
+        eye = torch.eye(s, dtype=X.dtype, device=X.device).expand(B, s, s)
+        return (eye, X.mT) if m <= n else (X, eye)
+    wide = m <= n
+    Xd = X.to(torch.float64)
+    G = Xd @ Xd.mT if wide else Xd.mT @ Xd
+    if eigh_device is None:
+        eigh_device = "cpu" if X.device.type == "cuda" else X.device
+    V = torch.linalg.eigh(G.to(eigh_device)).eigenvectors[..., s - k:].flip(-1).to(X.device)
+    W = Xd.mT @ V if wide else Xd @ V
+    L, R = (V, W) if wide else (W, V)
+    return L.to(X.dtype), R.to(X.dtype)
