@@ -51,7 +51,12 @@ def score_dense_reference(A, G, M, a_mask=None):
 
 # --------------------------------------------------------------------------- torch formulations
 def materialize_torch(A, G, M, a_mask=None):
-    """Per-example gradients tile by tile, then a GEMM with the flattened M. Output float32."""
+    """Per-example gradients tile by tile, then a GEMM with the flattened M. Output float32.
+
+    GEMMs in the inputs' dtype off the CPU (so as ``torch.einsum`` on them: bf16 products,
+    fp32 accumulation, each score rounded to bf16 once); tiles of ``D_n`` fill the workspace
+    counted in that dtype (counted as float32 before, which halved the bf16 tiles).
+    """
     N, T, din = A.shape
     Q, dout, _ = M.shape
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
@@ -60,15 +65,28 @@ def materialize_torch(A, G, M, a_mask=None):
     dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     Mf = M.to(dt).reshape(Q, dout * din)
-    nc = c.chunk(N, dout * din * 4)
+    nc = c.chunk(N, dout * din * dt.itemsize)
     for n0 in range(0, N, nc):
         Dn = torch.bmm(G[n0:n0 + nc].to(dt).transpose(1, 2), A[n0:n0 + nc].to(dt))
-        out[n0:n0 + nc] = (Dn.reshape(Dn.shape[0], -1) @ Mf.T).float()
+        out[n0:n0 + nc] = Dn.flatten(1) @ Mf.T
     return out
 
 
+# token rows (examples x tokens) a tile of token_torch aims at: its GEMM is [rows, din] x
+# [din, queries x dout], and GPU GEMMs reach peak only with a few thousand rows. Tiles of all
+# queries and 64 examples ran at 25% of the H200's bf16 peak, 3.3x the one-shot einsum
+# (8192x1x256x2048x2048, bench/results/ops.csv, 2026-11-27).
+TOKEN_ROWS = 2048
+
+
 def token_torch(A, G, M, a_mask=None):
-    """``M_q a_t`` by GEMM on tiles, then the dot with ``g_t``. Output float32 [N, Q]."""
+    """``M_q a_t`` by GEMM on tiles, then the dot with ``g_t``. Output float32 [N, Q].
+
+    Off the CPU both products run in the inputs' dtype with fp32 accumulation, as
+    ``torch.einsum`` does (the ``[tile, T, Q, dout]`` products are rounded to bf16 either way;
+    the fused Triton/CUDA kernels keep them in fp32). Tiles: at least ``TOKEN_ROWS`` token rows
+    where the workspace allows, then as many queries as fit, then more examples.
+    """
     N, T, din = A.shape
     Q, dout, _ = M.shape
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
@@ -77,16 +95,18 @@ def token_torch(A, G, M, a_mask=None):
     dt = c.compute_dtype(A)
     A = c.mask_rows(A, a_mask)
     G = c.mask_rows(G, a_mask)
-    per = 2 * T * dout * 4
-    qc = c.chunk(Q, per)
-    nc = c.chunk(N, per * qc)
+    per = T * dout * dt.itemsize          # one (example, query) pair of the product tile
+    nc = min(N, -(-TOKEN_ROWS // T), max(1, c.workspace_bytes() // per))
+    qc = c.chunk(Q, per * nc)
+    if qc == Q:                           # all queries fit: as many examples as fit with them
+        nc = c.chunk(N, per * Q, minimum=nc)
     for q0 in range(0, Q, qc):
         q1 = min(Q, q0 + qc)
         Mq = M[q0:q1].to(dt).reshape(-1, din)
         for n0 in range(0, N, nc):
             n1 = min(N, n0 + nc)
             y = (A[n0:n1].to(dt).reshape(-1, din) @ Mq.T).view(n1 - n0, T, q1 - q0, dout)
-            out[n0:n1, q0:q1] = torch.einsum("ntqe,nte->nq", y.float(), G[n0:n1].float())
+            out[n0:n1, q0:q1] = torch.einsum("ntqe,nte->nq", y, G[n0:n1].to(dt))
     return out
 
 
