@@ -8,7 +8,7 @@ Two contraction orders, chosen per call by the FLOP cost model of :mod:`._dispat
 
 * ``"factored"`` (ghost): token-pair Gram products, ``2·N·Q·T·S·(din+dout)`` FLOPs, fused in the
   backend kernels (C++, Triton, CUDA) so the ``[N, T, Q, S]`` intermediates never exist;
-* ``"materialize"``: per-example gradients ``D_n = G_nᵀ A_n`` built tile by tile of examples and
+* ``"materialize"``: per-example gradients ``D_n = G_nᵀ A_n`` built in chunks of their rows and
   contracted with the query gradients by GEMM, ``2·dout·din·(N·T + Q·S + N·Q)`` FLOPs.
 
 Memory is bounded by the workspace (``FASTINF_WORKSPACE_MB``), never proportional to N·din·dout
@@ -60,44 +60,35 @@ def score_factored_reference(A, G, V, U, a_mask=None, v_mask=None):
 
 # --------------------------------------------------------------------------- torch formulations
 def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
-    """Per-example gradients tile by tile, then one GEMM per tile pair. Output float32 [N, Q].
+    """Per-example gradients ``D_n = G_nᵀ A_n`` and ``E_q = U_qᵀ V_q``, then GEMMs, in chunks
+    of their rows: ``out += D[:, e0:e1, :] · E[:, e0:e1, :]ᵀ``. Output float32 [N, Q].
 
-    Tiles of examples (``D_n``) and of queries (``E_q = U_qᵀ V_q``) take half the workspace
-    each, counted in the GEMMs' dtype. The side of the outer loop is built once, the inner one
-    once per outer tile (once in all when it fits one tile), so the outer side is the one whose
-    rebuilding would cost more: with the queries outer, a 4096x4096 layer's ``D_n`` (2 per
-    tile) were rebuilt Q/2 times, hours of GPU time for N=8192, Q=1024.
+    A chunk holds all examples and all queries (tiles of them only beyond half the workspace
+    each), so every gradient is built once. Tiles of whole gradients rebuilt the inner side
+    once per outer tile: a 4096x4096 layer's ``D_n`` (2 per tile) Q/2 times, minutes of H200
+    time at N=8192, Q=1024. Off the CPU the GEMMs run in the inputs' dtype (fp32 accumulation,
+    each chunk's partial score rounded once and summed in fp32).
     """
     N, T, din = A.shape
     Q, S, dout = U.shape
+    out = torch.zeros(N, Q, dtype=torch.float32, device=A.device)
     if N == 0 or Q == 0:
-        return torch.empty(N, Q, dtype=torch.float32, device=A.device)
+        return out
     dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     V, U = c.mask_rows(V, v_mask), c.mask_rows(U, v_mask)
-    per = dout * din * dt.itemsize
-    nc = c.chunk(N, per, c.workspace_bytes() // 2)
-    qc = c.chunk(Q, per, c.workspace_bytes() // 2)
-    # gradients built with the examples outer vs with the queries outer
-    n_outer = N * T + (Q * S if Q <= qc else -(-N // nc) * Q * S)
-    q_outer = Q * S + (N * T if N <= nc else -(-Q // qc) * N * T)
-    if q_outer < n_outer:
-        return _materialize_tiles(V, U, A, G, dt, qc, nc).T
-    return _materialize_tiles(A, G, V, U, dt, nc, qc)
-
-
-def _materialize_tiles(A, G, V, U, dt, nc, qc):
-    """``[N, Q]`` float32 of :func:`materialize_torch`, examples outer (tiles of ``nc``),
-    queries inner (tiles of ``qc``, built once when they fit one tile)."""
-    N, Q = A.shape[0], V.shape[0]
-    grads = lambda X, Y, i: torch.bmm(Y[i].to(dt).transpose(1, 2), X[i].to(dt)).flatten(1)
-    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
-    Eall = grads(V, U, slice(0, Q)) if Q <= qc else None
+    half, row = c.workspace_bytes() // 2, din * dt.itemsize   # row: one row of one gradient
+    nc, qc = c.chunk(N, row, half), c.chunk(Q, row, half)
+    ec = max(1, half // (max(nc, qc) * row))                   # rows per chunk, evened out
+    ec = -(-dout // -(-dout // ec))
+    grads = lambda X, Y, i, e: torch.bmm(Y[i, :, e].to(dt).transpose(1, 2), X[i].to(dt))
     for n0 in range(0, N, nc):
-        Dn = grads(A, G, slice(n0, n0 + nc))
         for q0 in range(0, Q, qc):
-            Eq = Eall if Eall is not None else grads(V, U, slice(q0, q0 + qc))
-            out[n0:n0 + nc, q0:q0 + qc] = Dn @ Eq.T
+            for e0 in range(0, dout, ec):
+                e = slice(e0, e0 + ec)
+                Dk = grads(A, G, slice(n0, n0 + nc), e).flatten(1)
+                Ek = grads(V, U, slice(q0, q0 + qc), e).flatten(1)
+                out[n0:n0 + nc, q0:q0 + qc] += Dk @ Ek.T
     return out
 
 

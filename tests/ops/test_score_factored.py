@@ -115,26 +115,24 @@ def test_chunking_keeps_results(monkeypatch):
             assert_close(out.float(), want, 2e-5, f"{backend}/{contraction}")
 
 
-def test_materialize_builds_each_gradient_once_where_one_side_fits(monkeypatch):
-    """Queries outer rebuilt every D_n once per query tile (Q/2 times for a 4096x4096 layer on
-    the H200); now the side that fits one tile is built once and the other streamed once, in
-    either role (few examples and many queries, or the reverse)."""
+def test_materialize_builds_each_gradient_once(monkeypatch):
+    """Tiles of whole gradients rebuilt the inner side once per outer tile (Q/2 times for a
+    4096x4096 layer on the H200); chunks of gradient rows over all examples and queries build
+    each row once, and beyond the workspace (N, Q > 30 here) once per tile of the other side."""
     import sys
     sf = sys.modules["fastinf.ops.score_factored"]
-    monkeypatch.setenv("FASTINF_WORKSPACE_MB", str(480 / 2**20))  # 6 gradients of 5x2 per side
-    calls = []
+    monkeypatch.setenv("FASTINF_WORKSPACE_MB", str(480 / 2**20))  # 30 gradient rows of din=2
+    rows = []
     bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[0].shape[0]) or bmm(*a))
-    for N, Q in [(2, 20), (20, 2), (13, 13)]:
-        A, G, V, U = _inputs((N, 3, Q, 2, 2, 5), torch.float32, "cpu")
-        calls.clear()
+    monkeypatch.setattr(torch, "bmm", lambda a, b: rows.append(a.shape[0] * a.shape[1]) or bmm(a, b))
+    dout = 5
+    for N, Q in [(2, 20), (20, 2), (13, 13), (40, 3), (40, 40)]:
+        A, G, V, U = _inputs((N, 3, Q, 2, 2, dout), torch.float32, "cpu")
+        rows.clear()
         out = sf.materialize_torch(A, G, V, U)
         assert_close(out, _ref(A, G, V, U), 2e-5, f"N={N} Q={Q}")
-        built = sum(calls)
-        if min(N, Q) <= 6:
-            assert built == N + Q, (N, Q, calls)
-        else:   # neither side fits: the inner side once per outer tile (3 tiles of <= 6)
-            assert built == 13 + 3 * 13, (N, Q, calls)
+        tiles = lambda n: -(-n // 30)
+        assert sum(rows) == dout * (N * tiles(Q) + Q * tiles(N)), (N, Q, rows)
 
 
 def test_plan_follows_flops():
