@@ -102,7 +102,8 @@ def token_torch(A, G, M, a_mask=None):
     dt = c.compute_dtype(A)
     A = c.mask_rows(A, a_mask)
     G = c.mask_rows(G, a_mask)
-    per = T * dout * dt.itemsize          # one (example, query) pair of the product tile
+    # one (example, query) pair of the product tile, twice for T > 1 (einsum's permuted copy)
+    per = (1 if T == 1 else 2) * T * dout * dt.itemsize
     nc = min(N, -(-TOKEN_ROWS // T), max(1, c.workspace_bytes() // per))
     qc = c.chunk(Q, per * nc)
     if qc == Q:                           # all queries fit: as many examples as fit with them
