@@ -2,8 +2,8 @@
 per-example gradients measured in the same run.
 
 The pre-LN causal transformer of ``bench/peers/_models.py`` (``nn.Linear`` projections, a third of
-the examples right-padded), every Linear tracked. Steps (each timed after a warm-up call, with
-``torch.cuda.max_memory_allocated`` reset before it):
+the examples right-padded), every Linear tracked. Steps (each timed after a warm-up call on one
+batch of each side, with ``torch.cuda.max_memory_allocated`` reset before it):
 
 - ``plain``: one forward+backward pass over the train set (the unit of cost);
 - ``tracin``: fastinf exact TracIn, ``pairwise_scores(query, train)`` (ghost / tiled kernels);
@@ -41,7 +41,9 @@ CASES = {
     # the CPU peer benchmark's shape (README table), and a GPT-2-small-width one
     "d256": M.Shapes(n_train=256, n_query=256, T=48, d=256, layers=4, heads=4, vocab=384, mlp=1024,
                      batch_size=32),
-    "d768": M.Shapes(n_train=512, n_query=64, T=128, d=768, layers=4, heads=12, vocab=2048,
+    # 256 train x 32 queries: the naive baseline's one backward per example (576 of them at 512 x
+    # 64) did not finish within 150 s on the H200 beside EK-FAC rank-32; this fits ~60 s
+    "d768": M.Shapes(n_train=256, n_query=32, T=128, d=768, layers=4, heads=12, vocab=2048,
                      mlp=3072, batch_size=32),
 }
 SMALL = M.Shapes(n_train=24, n_query=8, T=12, d=32, layers=2, heads=2, vocab=48, mlp=64,
@@ -53,9 +55,10 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _measure(fn, dev):
-    """(result, seconds, peak MB) of ``fn()`` after one warm-up call."""
-    fn()
+def _measure(fn, dev, warm=None):
+    """(result, seconds, peak MB) of ``fn()`` after one warm-up call of ``warm`` (default
+    ``fn``; the steps warm up on a batch of each side, which compiles the same kernels)."""
+    (warm or fn)()
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -112,18 +115,25 @@ def run_case(name, s, dev, rows, dev_name):
     _, t_plain, m_plain = _measure(plain, dev)
     res = {"plain": (t_plain, m_plain)}
     tr = fastinf.TracIn(model, M.loss_fn, **kw)
+    q1, t1 = (tuple(t[:bs] for t in x) for x in (query, train))   # warm-up batches
     S_fast, res["tracin"] = (lambda r: (r[0], r[1:]))(
-        _measure(lambda: tr.pairwise_scores(query, train, batch_size=bs), dev))
+        _measure(lambda: tr.pairwise_scores(query, train, batch_size=bs), dev,
+                 lambda: tr.pairwise_scores(q1, t1, batch_size=bs)))
     S_naive, res["naive_tracin"] = (lambda r: (r[0], r[1:]))(
-        _measure(lambda: naive_tracin(model, params, query, train, bs), dev))
+        _measure(lambda: naive_tracin(model, params, query, train, bs), dev,
+                 lambda: naive_tracin(model, params, tuple(t[:2] for t in q1), t1, bs)))
     S_fast, S_naive = S_fast.double().cpu(), S_naive.double().cpu()
     rel = float((S_fast - S_naive).abs().max() / S_naive.abs().max())
     ek = fastinf.EKFAC(model, M.loss_fn, **kw)
-    _, *res["ekfac_fit"] = _measure(lambda: ek.fit(train, batch_size=bs), dev)
-    _, *res["ekfac_pairwise"] = _measure(lambda: ek.pairwise_scores(query, train, batch_size=bs), dev)
+    _, *res["ekfac_fit"] = _measure(lambda: ek.fit(train, batch_size=bs), dev,
+                                    lambda: ek.fit(t1, batch_size=bs))
+    _, *res["ekfac_pairwise"] = _measure(lambda: ek.pairwise_scores(query, train, batch_size=bs),
+                                         dev, lambda: ek.pairwise_scores(q1, t1, batch_size=bs))
     _, *res["ekfac_rank32"] = _measure(
-        lambda: ek.pairwise_scores(query, train, batch_size=bs, query_rank=32), dev)
-    _, *res["ekfac_self"] = _measure(lambda: ek.self_scores(train, batch_size=bs), dev)
+        lambda: ek.pairwise_scores(query, train, batch_size=bs, query_rank=32), dev,
+        lambda: ek.pairwise_scores(q1, t1, batch_size=bs, query_rank=32))
+    _, *res["ekfac_self"] = _measure(lambda: ek.self_scores(train, batch_size=bs), dev,
+                                     lambda: ek.self_scores(t1, batch_size=bs))
     for step, (t, m) in res.items():
         ratio = res["tracin"][0] / res["naive_tracin"][0] if step == "tracin" else ""
         row = dict(device=dev_name, case=name, step=step, seconds=f"{t:.4f}",

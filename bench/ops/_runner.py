@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 import fastinf  # noqa: E402
 from fastinf.ops import flops, plan  # noqa: E402
-from _util import append_rows, device_name, env_device, gemm_tflops, print_table, timeit  # noqa: E402
+from _util import append_rows, device_name, env_device, gemm_tflops, timeit  # noqa: E402
 
 
 def parse(description: str):
@@ -40,20 +40,42 @@ def fits(nbytes: float, device: str) -> bool:
     return nbytes < limit
 
 
+# A forced contraction (torch backend) is timed only when it needs at most this many times the
+# FLOPs of the chosen one, or fewer than SKIP_FLOPS: the first run on an H200 spent minutes in
+# score_factored's forced "materialize" at N=8192, Q=1024, 4096x4096 (2000x the FLOPs, 280 TFLOP
+# per call) and never printed a row.
+SKIP_RATIO, SKIP_FLOPS = 8.0, 5e11
+COLS = [("shape", 24), ("backend", 7), ("contraction", 17), ("ms", 9), ("best_torch", 15),
+        ("ratio_vs_best_torch", 8), ("speedup_vs_materialize", 8),
+        ("flop_ratio_materialize_over_chosen", 8), ("tflops", 7), ("pct_of_gemm", 6)]
+
+
+def _line(values) -> str:
+    return "  ".join(v.ljust(w) for v, (_, w) in zip(values, COLS))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
 def run(op: str, shapes: Sequence, make: Callable, ours: Callable, baselines: Dict[str, tuple],
         dims: Sequence[str], contractions: Sequence[str], args) -> List[Dict]:
     """Times ``ours(inputs, backend, contraction)`` against ``baselines`` for every shape.
 
     ``baselines``: name -> (fn(inputs), intermediate_bytes(shape)); the best one that fits is
     the ratio reference ``best_torch``; ``materialize`` is the per-example-gradient baseline.
-    ``dims`` names the entries of a shape for the dispatch table's cost model.
+    ``dims`` names the entries of a shape for the dispatch table's cost model. Each row is
+    printed (flushed) as it is measured, so a time limit keeps what was done; the rows are
+    appended to bench/results/ops.csv at the end.
     """
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
     dev_name = device_name(device)
     peak = gemm_tflops(device, dtype) if device.startswith("cuda") else None
-    print(f"{op} on {dev_name}, {dtype}" + (f", GEMM {peak:.0f} TFLOP/s" if peak else ""))
+    print(f"{op} on {dev_name}, {dtype}" + (f", GEMM {peak:.0f} TFLOP/s" if peak else ""),
+          flush=True)
+    print(_line([c[:w] for c, w in COLS]), flush=True)
     rows = []
     for shape in shapes:
         inputs = make(shape, dtype, device)
@@ -69,8 +91,12 @@ def run(op: str, shapes: Sequence, make: Callable, ours: Callable, baselines: Di
             for contraction in [None] + list(contractions):
                 if contraction is not None and backend not in ("torch",) and contraction != chosen:
                     continue  # forced orders only on the torch backend, to show the trade-off
-                t = timeit(lambda: ours(inputs, backend, contraction), device)
                 used = contraction or chosen
+                if f[used] > max(SKIP_RATIO * f[chosen], SKIP_FLOPS):
+                    print(f"{'x'.join(map(str, shape))}: {backend}/{used} not timed, "
+                          f"{f[used] / f[chosen]:.0f}x the FLOPs of {chosen}", flush=True)
+                    continue
+                t = timeit(lambda: ours(inputs, backend, contraction), device)
                 row = {
                     "op": op, "device": dev_name, "dtype": str(dtype).replace("torch.", ""),
                     "shape": "x".join(map(str, shape)), "backend": backend,
@@ -84,10 +110,8 @@ def run(op: str, shapes: Sequence, make: Callable, ours: Callable, baselines: Di
                     "pct_of_gemm": (100 * f[used] / t / 1e12 / peak) if peak else None,
                 }
                 rows.append(row)
+                print(_line([_fmt(row[c]) for c, _ in COLS]), flush=True)
         del inputs
-    print_table(rows, ["shape", "backend", "contraction", "ms", "best_torch", "ratio_vs_best_torch",
-                       "speedup_vs_materialize", "flop_ratio_materialize_over_chosen", "tflops",
-                       "pct_of_gemm"])
     if not args.no_save:
         append_rows("ops", rows)
     return rows

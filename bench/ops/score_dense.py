@@ -26,10 +26,14 @@ CPU = [
 CPU_QUICK = [(256, 1, 16, 128, 128), (32, 64, 4, 27, 16)]
 GPU = [
     (8192, 1, 256, 2048, 2048),
+    (4096, 1, 64, 1024, 1024),      # MLP layer, EK-FAC full-rank queries
     (1024, 128, 64, 1024, 1024),
     (512, 256, 16, 128, 64),
+    (256, 48, 16, 257, 256),        # d=256 transformer layer (+bias column)
+    (256, 128, 16, 769, 768),       # d=768 transformer layer
     (256, 512, 64, 768, 768),
 ]
+GPU_QUICK = [GPU[1], GPU[4], GPU[5]]  # --quick on a GPU (bench/gpu_check.sh, 30 s cap)
 
 
 def make(shape, dtype, device):
@@ -48,7 +52,8 @@ def einsum_token(A, G, M):
 
 def main():
     args = parse(__doc__)
-    shapes = (GPU if args.device.startswith("cuda") else (CPU_QUICK if args.quick else CPU))
+    gpu = args.device.startswith("cuda")
+    shapes = (GPU_QUICK if gpu else CPU_QUICK) if args.quick else (GPU if gpu else CPU)
     baselines = {
         "materialize": (materialize, lambda s: 4 * s[0] * s[3] * s[4]),
         "einsum_token": (einsum_token, lambda s: 4 * s[0] * s[1] * s[2] * s[4]),

@@ -27,13 +27,18 @@ CPU = [
 ]
 CPU_QUICK = [(256, 1, 64, 1, 128, 128), (32, 64, 8, 64, 27, 16), (32, 32, 8, 4, 128, 128)]
 GPU = [
-    (8192, 1, 1024, 1, 4096, 4096),
+    (8192, 1, 1024, 1, 4096, 4096),   # wide MLP layer, exact TracIn
     (4096, 1, 4096, 1, 1024, 1024),
+    (256, 48, 256, 48, 257, 256),     # d=256 transformer layer (+bias column), exact TracIn
     (512, 256, 64, 256, 64, 64),
     (256, 512, 64, 512, 128, 128),
     (1024, 128, 256, 16, 1024, 1024),
+    (256, 128, 64, 32, 769, 768),     # d=768 transformer layer, EK-FAC rank-32 queries
     (128, 512, 128, 512, 768, 768),
 ]
+# --quick on a GPU (bench/gpu_check.sh, 40 s cap with Triton autotuning): one MLP and two
+# transformer layers
+GPU_QUICK = [GPU[1], GPU[2], GPU[6]]
 
 
 def make(shape, dtype, device):
@@ -54,7 +59,8 @@ def einsum_factored(A, G, V, U):
 
 def main():
     args = parse(__doc__)
-    shapes = (GPU if args.device.startswith("cuda") else (CPU_QUICK if args.quick else CPU))
+    gpu = args.device.startswith("cuda")
+    shapes = (GPU_QUICK if gpu else CPU_QUICK) if args.quick else (GPU if gpu else CPU)
     baselines = {
         "materialize": (materialize, lambda s: 4 * s[5] * s[4] * (s[0] + s[2])),
         "einsum_factored": (einsum_factored, lambda s: 8 * s[0] * s[1] * s[2] * s[3]),

@@ -24,6 +24,14 @@ from typing import Dict
 import torch
 
 # backend=None: the first usable of these for the inputs' device type (fused kernels first).
+# On CUDA, Triton first: on the H200 (bench/results/ops.csv, 2026-11-27, bf16) it was the fastest
+# fused kernel of score_dense (T=1 token order, 8192x1x256x2048x2048: Triton 36.0 ms, torch
+# 92.0, CUDA C++ 205.0; torch.einsum 27.9) and of kron_project at T=64 (0.20 ms vs CUDA 0.29,
+# torch 0.38), but not of every op: CUDA C++ won ekfac_lambda at T=1 (0.27 ms vs Triton 0.99,
+# torch 1.54), torch won it at T=64 (0.35 vs CUDA 0.45, Triton 0.56), CUDA C++ won jl_project
+# (6.5 ms vs Triton 8.4) and kron_project at T=1 (0.17 ms vs torch 0.21, Triton 0.32).
+# score_factored has no H200 row yet (its benchmark never finished a row). A per-op order
+# needs _common.default_preference to take the op; until then this one order holds for all.
 ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -60,7 +68,11 @@ FLOPS = {"score_factored": _score_factored_flops, "score_dense": _score_dense_fl
 # device type. On CPU the materialised order's BLAS GEMMs run at a higher fraction of peak than
 # the fused kernels; at T = 1 both orders cost the same FLOPs and the GEMMs won by 1.1-15x
 # (bench/results/ops.csv), so near-ties go to "materialize". On GPUs the fused order saves the
-# memory traffic of the per-example gradients, so ties go to "token".
+# memory traffic of the per-example gradients, so ties go to "token": on the H200 (ops.csv,
+# 2026-11-27, bf16) at T = 1 (8192x1x256x2048x2048, equal FLOPs) token ran 36.0 ms (Triton) /
+# 92.0 ms (torch) against 300 ms for materialize; where materialize needs far fewer FLOPs it won
+# by 58-234x over the torch token order (1024x128x64x1024x1024, 512x256x16x128x64,
+# 256x512x64x768x768), so the FLOP rule holds on CUDA as measured.
 TOKEN_ADVANTAGE = {"cpu": 2.0}
 
 

@@ -7,8 +7,8 @@ Two contraction orders, chosen per call by the FLOP cost model of :mod:`._dispat
 
 * ``"token"``: ``M_q a_t`` for every token, dotted with ``g_t`` — ``2·N·T·Q·dout·din`` FLOPs; fused
   in the backend kernels (GEMM with a dot-product epilogue), so ``[N, T, Q, dout]`` never exists;
-* ``"materialize"``: ``D_n = G_nᵀ A_n`` tile by tile of examples, then a GEMM with the flattened
-  ``M`` — ``2·dout·din·(N·T + N·Q)`` FLOPs.
+* ``"materialize"``: ``D_n = G_nᵀ A_n`` in chunks of its rows, each contracted by GEMM with the
+  same rows of the flattened ``M`` — ``2·dout·din·(N·T + N·Q)`` FLOPs.
 """
 from __future__ import annotations
 
@@ -51,24 +51,49 @@ def score_dense_reference(A, G, M, a_mask=None):
 
 # --------------------------------------------------------------------------- torch formulations
 def materialize_torch(A, G, M, a_mask=None):
-    """Per-example gradients tile by tile, then a GEMM with the flattened M. Output float32."""
+    """Per-example gradients, then a GEMM with the flattened M, in chunks of the rows of the
+    gradients: ``out += D[:, e0:e1, :] · M[:, e0:e1, :]ᵀ``. Output float32 [N, Q].
+
+    Each chunk holds all examples (tiles of examples only beyond the workspace), so ``D`` is
+    built and ``M`` read once, as in the one-shot torch version; tiles of whole ``D_n`` read all
+    of M once per tile (1.6x the one-shot time on the H200 at 1024x128x64x1024x1024). Off the
+    CPU the GEMMs run in the inputs' dtype (fp32 accumulation, each chunk's partial score
+    rounded to bf16 once and summed in fp32), as ``torch.einsum`` on them does.
+    """
     N, T, din = A.shape
     Q, dout, _ = M.shape
-    out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
+    out = torch.zeros(N, Q, dtype=torch.float32, device=A.device)
     if N == 0 or Q == 0:
         return out
     dt = c.compute_dtype(A)
-    A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
-    Mf = M.to(dt).reshape(Q, dout * din)
-    nc = c.chunk(N, dout * din * 4)
+    A, G, M = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask), M.to(dt)
+    row = din * dt.itemsize                   # one row of one D_n
+    nc = c.chunk(N, row)
+    ec = max(1, c.workspace_bytes() // (nc * row))   # rows per chunk, then evened out
+    ec = -(-dout // -(-dout // ec))
     for n0 in range(0, N, nc):
-        Dn = torch.bmm(G[n0:n0 + nc].to(dt).transpose(1, 2), A[n0:n0 + nc].to(dt))
-        out[n0:n0 + nc] = (Dn.reshape(Dn.shape[0], -1) @ Mf.T).float()
+        An = A[n0:n0 + nc].to(dt)
+        for e0 in range(0, dout, ec):
+            Dk = torch.bmm(G[n0:n0 + nc, :, e0:e0 + ec].to(dt).transpose(1, 2), An)
+            out[n0:n0 + nc] += Dk.flatten(1) @ M[:, e0:e0 + ec].flatten(1).T
     return out
 
 
+# token rows (examples x tokens) a tile of token_torch aims at: its GEMM is [rows, din] x
+# [din, queries x dout], and GPU GEMMs reach peak only with a few thousand rows. Tiles of all
+# queries and 64 examples ran at 25% of the H200's bf16 peak, 3.3x the one-shot einsum
+# (8192x1x256x2048x2048, bench/results/ops.csv, 2026-11-27).
+TOKEN_ROWS = 2048
+
+
 def token_torch(A, G, M, a_mask=None):
-    """``M_q a_t`` by GEMM on tiles, then the dot with ``g_t``. Output float32 [N, Q]."""
+    """``M_q a_t`` by GEMM on tiles, then the dot with ``g_t``. Output float32 [N, Q].
+
+    Off the CPU both products run in the inputs' dtype with fp32 accumulation, as
+    ``torch.einsum`` does (the ``[tile, T, Q, dout]`` products are rounded to bf16 either way;
+    the fused Triton/CUDA kernels keep them in fp32). Tiles: at least ``TOKEN_ROWS`` token rows
+    where the workspace allows, then as many queries as fit, then more examples.
+    """
     N, T, din = A.shape
     Q, dout, _ = M.shape
     out = torch.empty(N, Q, dtype=torch.float32, device=A.device)
@@ -77,16 +102,19 @@ def token_torch(A, G, M, a_mask=None):
     dt = c.compute_dtype(A)
     A = c.mask_rows(A, a_mask)
     G = c.mask_rows(G, a_mask)
-    per = 2 * T * dout * 4
-    qc = c.chunk(Q, per)
-    nc = c.chunk(N, per * qc)
+    # one (example, query) pair of the product tile, twice for T > 1 (einsum's permuted copy)
+    per = (1 if T == 1 else 2) * T * dout * dt.itemsize
+    nc = min(N, -(-TOKEN_ROWS // T), max(1, c.workspace_bytes() // per))
+    qc = c.chunk(Q, per * nc)
+    if qc == Q:                           # all queries fit: as many examples as fit with them
+        nc = c.chunk(N, per * Q, minimum=nc)
     for q0 in range(0, Q, qc):
         q1 = min(Q, q0 + qc)
         Mq = M[q0:q1].to(dt).reshape(-1, din)
         for n0 in range(0, N, nc):
             n1 = min(N, n0 + nc)
             y = (A[n0:n1].to(dt).reshape(-1, din) @ Mq.T).view(n1 - n0, T, q1 - q0, dout)
-            out[n0:n1, q0:q1] = torch.einsum("ntqe,nte->nq", y.float(), G[n0:n1].float())
+            out[n0:n1, q0:q1] = torch.einsum("ntqe,nte->nq", y, G[n0:n1].to(dt))
     return out
 
 

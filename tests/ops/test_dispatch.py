@@ -91,6 +91,16 @@ def test_planner_interface():
         flops("score_dense", N=1, T=1)  # missing dimensions are an error, not a guess
 
 
+def test_cuda_plan_picks_what_measured_fastest_on_the_h200():
+    """score_dense's order on CUDA at the shapes of the first H200 run (bench/results/ops.csv,
+    2026-11-27, bf16): token at T=1 (Triton 36 ms, materialize 300 ms), materialize where it
+    needs far fewer FLOPs (58-234x faster than the torch token order)."""
+    p = lambda N, T, Q, din, dout: plan("score_dense", "cuda", N=N, T=T, Q=Q, din=din, dout=dout)
+    assert p(8192, 1, 256, 2048, 2048) == "token"
+    for shape in [(1024, 128, 64, 1024, 1024), (512, 256, 16, 128, 64), (256, 512, 64, 768, 768)]:
+        assert p(*shape) == "materialize", shape
+
+
 def test_finite_check_policy():
     """None checks CPU results only: on a GPU the check would synchronise every op call."""
     bad = torch.tensor([1.0, float("nan")])

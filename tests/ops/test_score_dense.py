@@ -100,6 +100,20 @@ def test_chunking_keeps_results(monkeypatch):
     assert_close(score_dense(A.double(), G.double(), M.double()).float(), want, 1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 2048])
+@pytest.mark.parametrize("mb", ["0.0001", "0.002", "256"])
+def test_token_tiles_keep_results(monkeypatch, rows, mb):
+    """token_torch's tiles (>= TOKEN_ROWS token rows, then queries, then more examples) over a
+    range of workspaces: one tile, query tiles, example tiles."""
+    import sys
+    monkeypatch.setattr(sys.modules["fastinf.ops.score_dense"], "TOKEN_ROWS", rows)
+    monkeypatch.setenv("FASTINF_WORKSPACE_MB", mb)
+    A, G, M = _inputs((9, 3, 7, 8, 5), torch.float32, "cpu")
+    am = random_mask(9, 3, "cpu")
+    assert_close(score_dense(A, G, M, a_mask=am, backend="torch", contraction="token"),
+                 _ref(A, G, M, am), 2e-5)
+
+
 def test_plan_follows_flops():
     # T = 1: equal FLOPs; near-ties go to the smaller intermediate (T·Q·dout vs dout·din).
     p = lambda dev, N, T, Q, din, dout: plan("score_dense", dev, N=N, T=T, Q=Q, din=din, dout=dout)
