@@ -135,6 +135,11 @@ for spec in score_factored:40 score_dense:30 ekfac_lambda:20 kron_project:20 jl_
   cp "$ROOT/bench/results/ops.csv" "$OUT/ops.csv" 2>/dev/null
   grep -E "^[0-9]+x|auto:|x$" "$WORK/step.log" | head -12 | sed 's/^/    /' >>"$REPORT"
 done
+# ---- the rank-r reduction: old batched SVD vs Gram + eigh (eigh on the CPU, the default on CUDA,
+# and on the GPU) on the d=256 transformer's layer shapes; settles truncated_svd's CUDA default
+run_step "bench truncated_svd" 45 env PYTHONUNBUFFERED=1 $PY "$ROOT/bench/e2e/truncated_svd.py" --device cuda --reps 1
+cp "$ROOT/bench/results/truncated_svd.csv" "$OUT/truncated_svd.csv" 2>/dev/null
+tail -6 "$WORK/step.log" | sed 's/^/    /' >>"$REPORT"
 # ---- end to end: a d=256 then a d=768 causal transformer (~60 s on an H200 once EK-FAC rank-32
 # is fixed), fastinf vs naive per-example gradients; each case's rows are saved as it ends
 run_step "bench e2e gpu_transformer" 150 env PYTHONUNBUFFERED=1 $PY "$ROOT/bench/e2e/gpu_transformer.py" --device cuda
