@@ -90,6 +90,23 @@ def default_factor_budget(device: torch.device) -> float:
         return 16 * 2 ** 30
 
 
+def _token_budget(token_memory, device) -> float:
+    """Bytes of captured tokens ``fit`` keeps for the eigenvalue correction (see ``fit``)."""
+    if token_memory is None:
+        return min(2.0 * 2 ** 30, default_factor_budget(device) / 4)
+    if (isinstance(token_memory, bool) or not isinstance(token_memory, (int, float))
+            or not token_memory >= 0):
+        raise ValueError("token_memory must be None (the smaller of 2 GiB and an eighth of the "
+                         "device's memory) or a number of bytes >= 0 (0: a second pass over "
+                         f"every batch), got {token_memory!r}")
+    return float(token_memory)
+
+
+def _held_bytes(lb: LayerBatch) -> int:
+    """Bytes a kept ``LayerBatch`` holds alive (whole storages: a view keeps its base)."""
+    return sum(x.untyped_storage().nbytes() for x in (lb.A, lb.G, lb.mask) if x is not None)
+
+
 def _check_budget(max_factor_memory):
     if max_factor_memory is not None and (
             isinstance(max_factor_memory, bool) or not isinstance(max_factor_memory, (int, float))
@@ -198,10 +215,10 @@ class EKFAC:
                 return torch.float64
         return torch.float32
 
-    def _pass(self, data, batch_size, loss_fn, desc, what, name, select=None):
+    def _pass(self, data, batch_size, loss_fn, desc, what, name, select=None, start=0):
         return factor_pass(self.model, loss_fn, data, self.modules, batch_size,
                            token_mask_fn=self.token_mask_fn, desc=desc, progress=self.progress,
-                           what=what, name=name, select=select)
+                           what=what, name=name, select=select, start=start)
 
     def _require_fit(self, what):
         if self.factors is None:
@@ -237,8 +254,16 @@ class EKFAC:
                               + ", ".join(f"{n!r} {need[n] / gib:.3g} GiB" for n in top)
                               + "); leave some out with modules=[...], or raise max_factor_memory")
 
-    def fit(self, train, batch_size: int = 64) -> "EKFAC":
+    def fit(self, train, batch_size: int = 64, *,
+            token_memory: Optional[float] = None) -> "EKFAC":
         """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ.
+
+        The eigenvalue correction needs every example's tokens again, rotated into the new
+        eigenbases. The tokens captured by the covariance pass are kept for it, batch after
+        batch, while they fit in ``token_memory`` bytes (None: the smaller of 2 GiB and an
+        eighth of the device's memory; 0: keep none); a second forward+backward pass runs only
+        over the batches that did not fit (none when all did). The factors are the same either
+        way (the same tokens, summed in the same order).
 
         Under ``torch.distributed`` batch i is processed by rank ``i % world`` and the sums and
         counts are all-reduced: every rank ends with the same factors."""
@@ -246,14 +271,22 @@ class EKFAC:
         dt = self.dtype
         dev = self.device
         self._check_factor_memory(dt, dev)
+        keep_left = _token_budget(token_memory, dev)
+        kept, start = [], None      # the first batches' tokens; offset of the first one not kept
         cov = OrderedDict()
         for name, m in self.modules.items():
             dout, din = layer_shape(m)
             cov[name] = dict(A=torch.zeros(din, din, dtype=dt, device=dev), nA=0,
                              S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0,
                              amax=torch.zeros(2, dtype=torch.float64, device=dev))
-        for _, factors in self._pass(train, batch_size, self.fisher_loss_fn, "EK-FAC covariances",
-                                     self._fisher_arg, "train", select):
+        for offset, factors in self._pass(train, batch_size, self.fisher_loss_fn,
+                                          "EK-FAC covariances", self._fisher_arg, "train", select):
+            if start is None:
+                keep_left -= sum(_held_bytes(lb) for lb in factors.values())
+                if keep_left >= 0:
+                    kept.append(factors)
+                else:
+                    start = offset
             for name, lb in factors.items():
                 st = cov[name]
                 A = lb.A.reshape(-1, lb.din).to(dt)
@@ -266,6 +299,7 @@ class EKFAC:
                 if A.numel():       # largest |a|, |g|: named when the layer over/underflows
                     st["amax"] = torch.maximum(st["amax"], torch.stack(
                         [torch.linalg.vector_norm(X, float("inf")) for X in (A, G)]).double())
+            del factors
         for st in cov.values():
             dist.all_reduce_sum_(st["A"])
             dist.all_reduce_sum_(st["S"])
@@ -282,15 +316,22 @@ class EKFAC:
                                 eigA=eA, eigS=eS, nA=st["nA"],
                                 lam=torch.zeros(QS.shape[0], QA.shape[0], dtype=dt, device=dev))
         del cov
-        n = 0
-        for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
-                                     "EK-FAC eigenvalue correction", self._fisher_arg, "train",
-                                     select):
+
+        def correct(factors):   # capture zeroed the masked rows: no mask needed
             for name, lb in factors.items():
                 L = layers[name]
-                L["lam"] += ekfac_lambda(lb.A.to(dt), lb.G.to(dt), L["QA"], L["QS"],
-                                         a_mask=lb.mask).to(dt)
-            n += next(iter(factors.values())).A.shape[0]
+                L["lam"] += ekfac_lambda(lb.A.to(dt), lb.G.to(dt), L["QA"], L["QS"]).to(dt)
+            return next(iter(factors.values())).A.shape[0]
+
+        n = 0
+        kept.reverse()
+        while kept:             # in order, each batch freed once used
+            n += correct(kept.pop())
+        if start is not None:
+            for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
+                                         "EK-FAC eigenvalue correction", self._fisher_arg,
+                                         "train", select, start):
+                n += correct(factors)
         n = dist.all_reduce_int(n)
         for name, L in layers.items():
             dist.all_reduce_sum_(L["lam"])

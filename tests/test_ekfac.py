@@ -224,6 +224,42 @@ def test_invariances(fitted, tmp_path):
     assert torch.equal(ek5.pairwise_scores(q, train, batch_size=4), S)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "lm"])
+def test_kept_tokens_give_the_factors_of_two_passes(kind):
+    """fit keeps the covariance pass's tokens for the eigenvalue correction while they fit in
+    token_memory and recomputes only the other batches: the same factors, bit for bit, with
+    one pass (all kept), 1 + 2/3 (one batch of three kept) or two (none kept)."""
+    model, loss_fn, mask_fn, train = make_case(kind)
+    seen = []
+
+    def counted(m, b):
+        seen.append(b[0].shape[0])
+        return loss_fn(m, b)
+    n = train[0].shape[0]
+    bs = -(-n // 3)
+    fits = []
+    for memory in (0, None, 1):
+        seen.clear()
+        ek = fastinf.EKFAC(model, counted, token_mask_fn=mask_fn, progress=False)
+        if memory == 1:   # room for the first batch only
+            probe = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False)
+            first = next(probe._pass(train, bs, loss_fn, "", "loss_fn", "train"))[1]
+            memory = sum(x.untyped_storage().nbytes() for lb in first.values()
+                         for x in (lb.A, lb.G, lb.mask) if x is not None)
+        ek.fit(train, batch_size=bs, token_memory=memory)
+        fits.append((ek, sum(seen)))
+    (ref, two), (one_pass, one), (part, some) = fits
+    assert (two, one, some) == (2 * n, n, n + n - bs)
+    for ek in (one_pass, part):
+        assert ek.n_fit == ref.n_fit == n
+        for name, L in ref.factors.items():
+            for k in ("QA", "QS", "lam", "eigA", "eigS"):
+                assert torch.equal(ek.factors[name][k], L[k]), (name, k)
+            assert ek.factors[name]["damping"] == L["damping"]
+    with pytest.raises(ValueError, match="token_memory"):
+        fastinf.EKFAC(model, loss_fn, progress=False).fit(train, token_memory=-1)
+
+
 def test_low_rank_converges(fitted):
     from scipy.stats import spearmanr
     ek, model, loss_fn, mask_fn, train = fitted
