@@ -65,7 +65,7 @@ def _sum_sq_tiles(At, Gt, out):
     nc = c.chunk(N, 2 * dout * din * 4)
     for n0 in range(0, N, nc):
         R = torch.bmm(Gt[n0:n0 + nc].transpose(1, 2), At[n0:n0 + nc])
-        out += (R * R).sum(0).float()
+        out += R.square_().sum(0).float()     # in place: no second [nc, dout, din] tile
     return out
 
 
@@ -92,7 +92,7 @@ def materialize_torch(A, G, QA, QS, a_mask=None):
     for n0 in range(0, N, nc):
         D = torch.bmm(G[n0:n0 + nc].to(dt).transpose(1, 2), A[n0:n0 + nc].to(dt))
         R = torch.matmul(QS.T, torch.matmul(D, QA))
-        out += (R * R).sum(0).float()
+        out += R.square_().sum(0).float()
     return out
 
 
