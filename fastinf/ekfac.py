@@ -291,7 +291,11 @@ class EKFAC:
                 st = cov[name]
                 A = lb.A.reshape(-1, lb.din).to(dt)
                 G = lb.G.reshape(-1, lb.dout).to(dt)
-                ntok = A.shape[0] if lb.mask is None else int(lb.mask.sum())
+                if lb.mask is not None:     # padding costs no FLOPs
+                    rows = lb.mask.reshape(-1).nonzero().squeeze(1)
+                    if rows.numel() < A.shape[0]:
+                        A, G = A.index_select(0, rows), G.index_select(0, rows)
+                ntok = A.shape[0]
                 st["A"].addmm_(A.T, A)
                 st["S"].addmm_(G.T, G)
                 st["nA"] += ntok
@@ -317,10 +321,11 @@ class EKFAC:
                                 lam=torch.zeros(QS.shape[0], QA.shape[0], dtype=dt, device=dev))
         del cov
 
-        def correct(factors):   # capture zeroed the masked rows: no mask needed
+        def correct(factors):
             for name, lb in factors.items():
                 L = layers[name]
-                L["lam"] += ekfac_lambda(lb.A.to(dt), lb.G.to(dt), L["QA"], L["QS"]).to(dt)
+                L["lam"] += ekfac_lambda(lb.A.to(dt), lb.G.to(dt), L["QA"], L["QS"],
+                                         a_mask=lb.mask).to(dt)
             return next(iter(factors.values())).A.shape[0]
 
         n = 0
