@@ -291,11 +291,7 @@ class EKFAC:
                 st = cov[name]
                 A = lb.A.reshape(-1, lb.din).to(dt)
                 G = lb.G.reshape(-1, lb.dout).to(dt)
-                if lb.mask is not None:     # padding costs no FLOPs
-                    rows = lb.mask.reshape(-1).nonzero().squeeze(1)
-                    if rows.numel() < A.shape[0]:
-                        A, G = A.index_select(0, rows), G.index_select(0, rows)
-                ntok = A.shape[0]
+                ntok = A.shape[0] if lb.mask is None else int(lb.mask.sum())
                 st["A"].addmm_(A.T, A)
                 st["S"].addmm_(G.T, G)
                 st["nA"] += ntok
