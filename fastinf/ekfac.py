@@ -307,15 +307,25 @@ class EKFAC:
             st["nS"] = dist.all_reduce_int(st["nS"])
             dist.all_reduce_sum_(st["amax"])    # zero iff zero on every rank (messages only)
         layers = OrderedDict()
+        done = []   # (covariance, count, eigh): layers fed the same input (an attention's q, k, v)
+                    # have equal input covariances and share one eigendecomposition
+
+        def eigh(name, which, C, n, xmax):
+            for C0, n0, (e, Q) in done:
+                if n0 == n and C0.shape == C.shape and torch.equal(C0, C):
+                    return e.clone(), Q.clone()
+            done.append((C, n, _eigh(name, which, C, n, xmax)))
+            return done[-1][2]
+
         for name, st in cov.items():
             nA, nS = max(st["nA"], 1), max(st["nS"], 1)
-            eA, QA = _eigh(name, "input", st["A"], nA, float(st["amax"][0]))
-            eS, QS = _eigh(name, "output-gradient", st["S"], nS, float(st["amax"][1]))
+            eA, QA = eigh(name, "input", st["A"], nA, float(st["amax"][0]))
+            eS, QS = eigh(name, "output-gradient", st["S"], nS, float(st["amax"][1]))
             layers[name] = dict(QA=QA.to(dt).contiguous(), QS=QS.to(dt).contiguous(),
                                 amax=st["amax"],
                                 eigA=eA, eigS=eS, nA=st["nA"],
                                 lam=torch.zeros(QS.shape[0], QA.shape[0], dtype=dt, device=dev))
-        del cov
+        del cov, done
 
         def correct(factors):
             for name, lb in factors.items():

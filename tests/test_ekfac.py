@@ -260,6 +260,32 @@ def test_kept_tokens_give_the_factors_of_two_passes(kind):
         fastinf.EKFAC(model, loss_fn, progress=False).fit(train, token_memory=-1)
 
 
+def test_layers_sharing_an_input_share_its_eigendecomposition(monkeypatch):
+    """Two projections of the same input (an attention's q and k) have equal input covariances:
+    one eigendecomposition serves both, with the factors of separate ones."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(5, 4), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return torch.cat([torch.tanh(self.q(x)), self.k(x)], 1)
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    X = torch.randn(20, 5, dtype=torch.float64)
+    y = torch.randint(0, 7, (20,))
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda C: calls.append(C.shape) or real(C))
+    ek = fastinf.EKFAC(model, cls_loss, progress=False).fit((X, y), batch_size=6)
+    assert sorted(calls) == [(3, 3), (4, 4), (6, 6)]
+    fac, _ = brute_ekfac(model, cls_loss, None, (X, y), ["q", "k"])
+    for n in ("q", "k"):
+        assert rel(ek.factors[n]["lam"], fac[n]["lam"]) < 1e-6
+    assert torch.equal(ek.factors["q"]["QA"], ek.factors["k"]["QA"])
+    assert ek.factors["q"]["QA"] is not ek.factors["k"]["QA"]
+
+
 def test_low_rank_converges(fitted):
     from scipy.stats import spearmanr
     ek, model, loss_fn, mask_fn, train = fitted
