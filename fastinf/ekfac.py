@@ -60,11 +60,25 @@ def _eigh(name, which, C, n, xmax):
             f"{torch.finfo(C.dtype).max:.3g}; scale the inputs or weights down, use a float64 "
             f"model, or {_OUT}")
     try:
-        return torch.linalg.eigh(C.double() / n)
+        return torch.linalg.eigh(C.double() / n, UPLO="L")   # _add_gram fills the lower triangle
     except torch.linalg.LinAlgError as exc:
         raise ValueError(f"EK-FAC: the eigendecomposition of the {which} covariance of layer "
                          f"{name!r} failed ({exc}); largest |{which}| = {xmax:.3g}; {_OUT}"
                          ) from exc
+
+
+def _add_gram(C, X, blocks: int = 4):
+    """``C += XᵀX`` in its lower triangle (what eigh reads): block columns of ``C`` from the
+    diagonal block down (the blocks above are left as they were), ~5/8 of the full GEMM's FLOPs
+    for 4 blocks.
+    Narrow covariances (< 512) take the full GEMM."""
+    d = X.shape[1]
+    if d < 512:
+        return C.addmm_(X.T, X)
+    bs = -(-d // blocks)
+    for i in range(0, d, bs):
+        C[i:, i:i + bs].addmm_(X[:, i:].T, X[:, i:i + bs])
+    return C
 
 
 def factor_memory(dout: int, din: int, dtype: torch.dtype) -> int:
@@ -292,8 +306,8 @@ class EKFAC:
                 A = lb.A.reshape(-1, lb.din).to(dt)
                 G = lb.G.reshape(-1, lb.dout).to(dt)
                 ntok = A.shape[0] if lb.mask is None else int(lb.mask.sum())
-                st["A"].addmm_(A.T, A)
-                st["S"].addmm_(G.T, G)
+                _add_gram(st["A"], A)
+                _add_gram(st["S"], G)
                 st["nA"] += ntok
                 st["nS"] += ntok
                 if A.numel():       # largest |a|, |g|: named when the layer over/underflows

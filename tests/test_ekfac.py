@@ -276,7 +276,7 @@ def test_layers_sharing_an_input_share_its_eigendecomposition(monkeypatch):
     y = torch.randint(0, 7, (20,))
     calls = []
     real = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda C: calls.append(C.shape) or real(C))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda C, **kw: calls.append(C.shape) or real(C, **kw))
     ek = fastinf.EKFAC(model, cls_loss, progress=False).fit((X, y), batch_size=6)
     assert sorted(calls) == [(3, 3), (4, 4), (6, 6)]
     fac, _ = brute_ekfac(model, cls_loss, None, (X, y), ["q", "k"])
@@ -284,6 +284,21 @@ def test_layers_sharing_an_input_share_its_eigendecomposition(monkeypatch):
         assert rel(ek.factors[n]["lam"], fac[n]["lam"]) < 1e-6
     assert torch.equal(ek.factors["q"]["QA"], ek.factors["k"]["QA"])
     assert ek.factors["q"]["QA"] is not ek.factors["k"]["QA"]
+
+
+@pytest.mark.parametrize("d", [7, 512, 601, 1025])
+def test_covariance_lower_triangle(d):
+    """The fit's covariance sums fill the lower triangle (what eigh reads), blockwise from 512
+    wide on: equal to XᵀX there; blocks above the diagonal are left as they were."""
+    from fastinf.ekfac import _add_gram
+    g = torch.Generator().manual_seed(d)
+    X = torch.randn(40, d, generator=g, dtype=torch.float64)
+    C0 = torch.randn(d, d, generator=g, dtype=torch.float64)
+    C = _add_gram(C0.clone(), X)
+    low = torch.tril(torch.ones(d, d, dtype=torch.bool))
+    assert rel(C[low], (C0 + X.T @ X)[low]) < 1e-12
+    if d >= 512:    # the blocks above the diagonal blocks are not computed
+        assert C[0, d - 1] == C0[0, d - 1]
 
 
 def test_low_rank_converges(fitted):
