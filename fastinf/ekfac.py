@@ -277,7 +277,9 @@ class EKFAC:
         batch, while they fit in ``token_memory`` bytes (None: the smaller of 2 GiB and an
         eighth of the device's memory; 0: keep none); a second forward+backward pass runs only
         over the batches that did not fit (none when all did). The factors are the same either
-        way (the same tokens, summed in the same order).
+        way (the same tokens, summed in the same order) for a deterministic ``fisher_loss_fn``;
+        one that samples labels (true Fisher) then uses the same samples for Λ as for the
+        covariances (``token_memory=0``: fresh samples in a second pass, as Kronfluence).
 
         Under ``torch.distributed`` batch i is processed by rank ``i % world`` and the sums and
         counts are all-reduced: every rank ends with the same factors."""
