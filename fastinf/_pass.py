@@ -27,13 +27,14 @@ def model_device(model: nn.Module) -> torch.device:
 def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn.Module],
                 batch_size: int, *, token_mask_fn: Optional[Callable] = None,
                 desc: str = "fastinf", progress: bool = True, what: str = "loss_fn",
-                name: str = "data", select: Optional[Callable[[int], bool]] = None
-                ) -> Iterator[Tuple[int, Dict[str, LayerBatch]]]:
+                name: str = "data", select: Optional[Callable[[int], bool]] = None,
+                start: int = 0) -> Iterator[Tuple[int, Dict[str, LayerBatch]]]:
     """Yields ``(offset, {module: LayerBatch})`` for every batch of ``data``, in order.
 
     Runs the model in eval mode (restored afterwards) on its own device, with a progress bar.
     ``select(batch_index) -> bool`` skips the capture of unselected batches (data-parallel
-    splits, see :mod:`fastinf.distributed`).
+    splits, see :mod:`fastinf.distributed`), and so does ``start`` for the batches before the
+    example offset ``start`` (already captured).
     """
     n = num_examples(data, name)
     if n == 0:
@@ -41,7 +42,7 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
     device = model_device(model)
     with eval_mode(model), progress_bar(n, desc, progress) as bar:
         for bi, (offset, batch) in enumerate(batches(data, batch_size, device, name=name)):
-            if select is not None and not select(bi):
+            if offset < start or (select is not None and not select(bi)):
                 bar.update(min(batch_size, n - offset))
                 continue
             mask = None

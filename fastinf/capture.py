@@ -326,6 +326,7 @@ def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Mo
     if token_mask is not None:
         token_mask = _check_mask(token_mask, B)
     result: Dict[str, LayerBatch] = {}
+    sums: list = []     # one sum per gradient: a single finiteness check for the whole batch
     k = 0
     for name in names:
         As, gs, masks = inputs[name], [], []
@@ -335,12 +336,7 @@ def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Mo
             gs.append(_tokens_out(modules[name], torch.zeros_like(o) if g is None else g))
             masks.append(None if token_mask is None else _call_mask(token_mask, a, name))
         if check_finite:
-            for G in gs:
-                bad = ~torch.isfinite(G).flatten(1).all(1)
-                if bool(bad.any()):
-                    i = int(bad.nonzero()[0, 0])
-                    raise NonFiniteError(f"non-finite gradient (NaN/Inf) at module {name!r} for "
-                                         f"example {offset + i}")
+            sums.extend(G.sum() for G in gs)
         mask = None
         if any(m is not None for m in masks):
             mask = torch.cat([a.new_ones(a.shape[:2], dtype=torch.bool) if m is None else m
@@ -354,4 +350,23 @@ def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Mo
     for name in modules:
         if name not in result:
             raise ValueError(f"tracked module {name!r} was not called by {what}; drop it from modules")
+    if sums and not bool(torch.isfinite(torch.stack([x.float() for x in sums])).all()):
+        _name_nonfinite(names, outputs, grads, offset)
     return result
+
+
+def _name_nonfinite(names, outputs, grads, offset: int):
+    """Raises for the first module and example whose output gradient holds NaN/Inf (a non-finite
+    sum of finite gradients, i.e. an overflow of the sum alone, passes)."""
+    k = 0
+    for name in names:
+        for _ in outputs[name]:
+            g = grads[k]
+            k += 1
+            if g is None:
+                continue
+            bad = ~torch.isfinite(g).reshape(g.shape[0], -1).all(1)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise NonFiniteError(f"non-finite gradient (NaN/Inf) at module {name!r} for "
+                                     f"example {offset + i}")

@@ -224,6 +224,83 @@ def test_invariances(fitted, tmp_path):
     assert torch.equal(ek5.pairwise_scores(q, train, batch_size=4), S)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "lm"])
+def test_kept_tokens_give_the_factors_of_two_passes(kind):
+    """fit keeps the covariance pass's tokens for the eigenvalue correction while they fit in
+    token_memory and recomputes only the other batches: the same factors, bit for bit, with
+    one pass (all kept), 1 + 2/3 (one batch of three kept) or two (none kept)."""
+    model, loss_fn, mask_fn, train = make_case(kind)
+    seen = []
+
+    def counted(m, b):
+        seen.append(b[0].shape[0])
+        return loss_fn(m, b)
+    n = train[0].shape[0]
+    bs = -(-n // 3)
+    fits = []
+    for memory in (0, None, 1):
+        seen.clear()
+        ek = fastinf.EKFAC(model, counted, token_mask_fn=mask_fn, progress=False)
+        if memory == 1:   # room for the first batch only
+            probe = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False)
+            first = next(probe._pass(train, bs, loss_fn, "", "loss_fn", "train"))[1]
+            memory = sum(x.untyped_storage().nbytes() for lb in first.values()
+                         for x in (lb.A, lb.G, lb.mask) if x is not None)
+        ek.fit(train, batch_size=bs, token_memory=memory)
+        fits.append((ek, sum(seen)))
+    (ref, two), (one_pass, one), (part, some) = fits
+    assert (two, one, some) == (2 * n, n, n + n - bs)
+    for ek in (one_pass, part):
+        assert ek.n_fit == ref.n_fit == n
+        for name, L in ref.factors.items():
+            for k in ("QA", "QS", "lam", "eigA", "eigS"):
+                assert torch.equal(ek.factors[name][k], L[k]), (name, k)
+            assert ek.factors[name]["damping"] == L["damping"]
+    with pytest.raises(ValueError, match="token_memory"):
+        fastinf.EKFAC(model, loss_fn, progress=False).fit(train, token_memory=-1)
+
+
+def test_layers_sharing_an_input_share_its_eigendecomposition(monkeypatch):
+    """Two projections of the same input (an attention's q and k) have equal input covariances:
+    one eigendecomposition serves both, with the factors of separate ones."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(5, 4), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return torch.cat([torch.tanh(self.q(x)), self.k(x)], 1)
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    X = torch.randn(20, 5, dtype=torch.float64)
+    y = torch.randint(0, 7, (20,))
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda C, **kw: calls.append(C.shape) or real(C, **kw))
+    ek = fastinf.EKFAC(model, cls_loss, progress=False).fit((X, y), batch_size=6)
+    assert sorted(calls) == [(3, 3), (4, 4), (6, 6)]
+    fac, _ = brute_ekfac(model, cls_loss, None, (X, y), ["q", "k"])
+    for n in ("q", "k"):
+        assert rel(ek.factors[n]["lam"], fac[n]["lam"]) < 1e-6
+    assert torch.equal(ek.factors["q"]["QA"], ek.factors["k"]["QA"])
+    assert ek.factors["q"]["QA"] is not ek.factors["k"]["QA"]
+
+
+@pytest.mark.parametrize("d", [7, 512, 601, 1025])
+def test_covariance_lower_triangle(d):
+    """The fit's covariance sums fill the lower triangle (what eigh reads), blockwise from 512
+    wide on: equal to XᵀX there; blocks above the diagonal are left as they were."""
+    from fastinf.ekfac import _add_gram
+    g = torch.Generator().manual_seed(d)
+    X = torch.randn(40, d, generator=g, dtype=torch.float64)
+    C0 = torch.randn(d, d, generator=g, dtype=torch.float64)
+    C = _add_gram(C0.clone(), X)
+    low = torch.tril(torch.ones(d, d, dtype=torch.bool))
+    assert rel(C[low], (C0 + X.T @ X)[low]) < 1e-12
+    if d >= 512:    # the blocks above the diagonal blocks are not computed
+        assert C[0, d - 1] == C0[0, d - 1]
+
+
 def test_low_rank_converges(fitted):
     from scipy.stats import spearmanr
     ek, model, loss_fn, mask_fn, train = fitted

@@ -91,7 +91,9 @@ def test_from_task_defaults_to_sampled_fisher_and_task_modules():
     ek = kf.from_task(model, task, progress=False)
     assert list(ek.modules) == ["2"]
     ek.fit((X, y), batch_size=8)
-    assert task.sample_calls == 2 * 3  # two passes (covariances, Λ) of 3 batches, labels sampled
+    assert task.sample_calls == 3  # one pass of 3 batches, labels sampled (tokens kept for Λ)
+    ek.fit((X, y), batch_size=8, token_memory=0)
+    assert task.sample_calls == 3 + 2 * 3  # two passes (covariances, Λ), as Kronfluence
     assert kf.from_task(model, ClsTask(), progress=False).modules.keys() == {"0", "2"}
 
 

@@ -52,10 +52,20 @@ def ekfac_lambda_reference(A, G, QA, QS, a_mask=None):
 
 # --------------------------------------------------------------------------- torch formulations
 def rotate(A, G, QA, QS, a_mask=None):
-    """``(A Q_A, G Q_S)`` in the compute dtype (float32 for half inputs), masked rows zeroed."""
+    """``(A Q_A, G Q_S)`` in the compute dtype (float32 for half inputs), masked rows zeroed.
+
+    Only the unmasked rows are multiplied (gathered, rotated, scattered into zeros): padding
+    costs no GEMM FLOPs, and masked rows are never read (NaN-safe)."""
     dt = c.compute_dtype(A)
-    A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
-    return A.to(dt) @ QA.to(dt), G.to(dt) @ QS.to(dt)
+    rows = None if a_mask is None else a_mask.reshape(-1).nonzero().squeeze(1)
+    if rows is None or rows.numel() == a_mask.numel():
+        return A.to(dt) @ QA.to(dt), G.to(dt) @ QS.to(dt)
+
+    def rot(X, Q):
+        Y = X.new_zeros(X.shape[0] * X.shape[1], Q.shape[1], dtype=dt)
+        Y.index_copy_(0, rows, X.reshape(-1, X.shape[2]).index_select(0, rows).to(dt) @ Q.to(dt))
+        return Y.view(X.shape[0], X.shape[1], Q.shape[1])
+    return rot(A, QA), rot(G, QS)
 
 
 def _sum_sq_tiles(At, Gt, out):
@@ -65,7 +75,7 @@ def _sum_sq_tiles(At, Gt, out):
     nc = c.chunk(N, 2 * dout * din * 4)
     for n0 in range(0, N, nc):
         R = torch.bmm(Gt[n0:n0 + nc].transpose(1, 2), At[n0:n0 + nc])
-        out += (R * R).sum(0).float()
+        out += R.square_().sum(0).float()     # in place: no second [nc, dout, din] tile
     return out
 
 
@@ -92,7 +102,7 @@ def materialize_torch(A, G, QA, QS, a_mask=None):
     for n0 in range(0, N, nc):
         D = torch.bmm(G[n0:n0 + nc].to(dt).transpose(1, 2), A[n0:n0 + nc].to(dt))
         R = torch.matmul(QS.T, torch.matmul(D, QA))
-        out += (R * R).sum(0).float()
+        out += R.square_().sum(0).float()
     return out
 
 
