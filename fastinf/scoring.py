@@ -199,8 +199,20 @@ def _state_bytes(state) -> int:
 def _layer_names(method, st):
     """The layers a query state holds where it holds some of the method's layers only (a group
     of :func:`query_batches`), else None (all)."""
-    parts = set(st)
-    return list(st) if parts < set(method.modules) else None
+    if any(isinstance(q.rec, Projected) for q in st.values()):   # one part of all layers
+        return None
+    return list(st) if set(st) < set(method.modules) else None
+
+
+def _part_bytes(items, n: int) -> Dict[str, int]:
+    """``{part: bytes per query}`` of ``(term, records)`` items of ``n`` queries (a function of
+    its own: a loop variable of the generator :func:`query_batches` would keep the last
+    records alive across all its query batches)."""
+    sizes: Dict[str, int] = {}
+    for _, recs in items:
+        for p, r in recs.items():
+            sizes[p] = sizes.get(p, 0) + _record_bytes(r) // n
+    return sizes
 
 
 def _groups(sizes: Dict[str, int], cap: int) -> List[List[str]]:
@@ -254,14 +266,13 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
         first = min(Q, batch_size)
         head = list(_query_records(method, _slice(query, 0, first, Q), batch_size,
                                    measurement_fn, **options))
-        sizes: Dict[str, int] = {}
-        for _, recs in head:
-            for p, r in recs.items():
-                sizes[p] = sizes.get(p, 0) + _record_bytes(r) // first
+        sizes = _part_bytes(head, first)
         budget = query_memory_bytes()
         qbs = max(first, budget // max(1, sum(sizes.values())))
-        if (qbs < Q and train_size is not None and Q <= train_size
-                and set(sizes) <= set(method.modules) and Q * max(sizes.values()) <= budget):
+        per_layer = set(sizes) <= set(method.modules) and not any(
+            isinstance(r, Projected) for _, recs in head for r in recs.values())
+        if (qbs < Q and per_layer and train_size is not None and Q <= train_size
+                and Q * max(sizes.values()) <= budget):
             groups, qbs = _groups(sizes, budget // Q), Q
         elif batch_size < qbs < Q:
             qbs = qbs // batch_size * batch_size       # whole capture batches
@@ -277,7 +288,7 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
                 **options) if q1 < stop else ())
             state = _assemble(method, items, stop - q0)
             yield q0, state
-            del state
+            del state, items
             q0 = stop
 
 
