@@ -185,10 +185,11 @@ def query_memory_bytes() -> int:
     bytes of query state one query batch (or group of layers) holds. Peak memory is about the
     process's own (model, factors) + this budget + one train batch's capture and scoring
     workspace (~0.4 GB for the d=256, T=48 transformer of ``bench/e2e/ekfac_cost.py`` at
-    batch 32). 512 keeps that transformer's 256-query exact pairwise peak (1.14 GB) under
-    Kronfluence's (1.29 GB) at little cost in time against 1024 (1.7 GB), since the train side
-    is computed once per group of layers rather than once per query batch
-    (:func:`query_batches`); a larger budget means fewer passes."""
+    batch 32). On that transformer's 256-query exact pairwise (8 groups of layers, see
+    :func:`query_batches`) 512 peaks at 1.13-1.21 GB, under Kronfluence's 1.30 GB, in the time
+    the query batches of the former default 1024 took (2.34 GB); 1024 now gives 4 groups,
+    1.70 GB and 0.62x that time (1 thread, shared machine). A larger budget means fewer
+    passes: raise it where memory allows."""
     return int(float(os.environ.get("FASTINF_QUERY_MEMORY_MB", "512")) * 2**20)
 
 
