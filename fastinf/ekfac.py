@@ -488,7 +488,7 @@ class EKFAC:
         every rank returns the full matrix.
 
         ``query_batch_size``: queries scored at a time (None: as many as the query memory budget
-        ``FASTINF_QUERY_MEMORY_MB``, default 1024, holds — ``Σ_layers dout·din`` numbers per
+        ``FASTINF_QUERY_MEMORY_MB``, default 512, holds — ``Σ_layers dout·din`` numbers per
         query, ``r·(din+dout)`` with ``query_rank=r``); the train side is recomputed per query
         batch unless ``train`` is a store. ``per_token=True``: ``[n_query, n_train, T]`` scores
         per train token (masked tokens 0; summing over T gives the pairwise scores; every tracked

@@ -98,16 +98,10 @@ class Eigen:
 Record = Union[LayerBatch, DenseLayer, Projected, Eigen]
 
 
-def cat_records(records: List[Record]) -> Record:
-    """One record of all examples of ``records`` (same type); factors are padded to the most
-    tokens, the padding masked."""
-    first = records[0]
-    if isinstance(first, DenseLayer):
-        return DenseLayer(torch.cat([r.D for r in records], 0))
-    if isinstance(first, Projected):
-        return Projected(torch.cat([r.X for r in records], 0))
-    if isinstance(first, Eigen):
-        return Eigen(torch.cat([r.X for r in records], 0), first.QA, first.QS)
+def _cat_factors(records: List[LayerBatch]) -> LayerBatch:
+    if len(records) == 1:
+        r = records[0]
+        return LayerBatch(r.A.contiguous(), r.G.contiguous(), r.mask)
     S = max(r.A.shape[1] for r in records)
     A = torch.cat([F.pad(r.A, (0, 0, 0, S - r.A.shape[1])) for r in records], 0)
     G = torch.cat([F.pad(r.G, (0, 0, 0, S - r.G.shape[1])) for r in records], 0)
@@ -117,6 +111,44 @@ def cat_records(records: List[Record]) -> Record:
                 torch.ones(r.A.shape[:2], dtype=torch.bool, device=r.A.device) for r in records]
         mask = torch.cat([F.pad(m, (0, S - m.shape[1]), value=False) for m in ones], 0)
     return LayerBatch(A.contiguous(), G.contiguous(), mask)
+
+
+class RecordStack:
+    """One record of ``n`` examples assembled from per-batch records added in order. Records
+    with an example axis of fixed shape (:class:`DenseLayer`, :class:`Eigen`,
+    :class:`Projected`) are written into one buffer allocated at the first batch, so the
+    ``[n, dout, din]`` whole is never copied or concatenated (a first batch holding all ``n``
+    examples is kept as it is); token factors (:class:`LayerBatch`, whose token count differs
+    per batch, ``n·T·(din + dout)`` numbers) are padded and concatenated at the end."""
+
+    def __init__(self, n: int):
+        self.n, self.off = n, 0
+        self.rec: Optional[Record] = None
+        self.factors: List[LayerBatch] = []
+
+    def add(self, r: Record) -> None:
+        b = len(r)
+        if self.off + b > self.n:
+            raise ValueError(f"RecordStack: {self.off + b} examples added, {self.n} expected")
+        if isinstance(r, LayerBatch):
+            self.factors.append(r)
+        elif self.rec is None and b == self.n:
+            self.rec = r
+        else:
+            f = "D" if isinstance(r, DenseLayer) else "X"
+            if self.rec is None:
+                t = getattr(r, f)
+                buf = t.new_empty((self.n,) + tuple(t.shape[1:]))
+                self.rec = DenseLayer(buf) if f == "D" else Projected(buf) \
+                    if isinstance(r, Projected) else Eigen(buf, r.QA, r.QS)
+            with torch.no_grad():
+                getattr(self.rec, f)[self.off:self.off + b] = getattr(r, f)
+        self.off += b
+
+    def result(self) -> Record:
+        if self.off != self.n:
+            raise ValueError(f"RecordStack: {self.off} examples added, {self.n} expected")
+        return _cat_factors(self.factors) if self.factors else self.rec
 
 
 # --------------------------------------------------------------------------- scoring

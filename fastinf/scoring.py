@@ -29,6 +29,7 @@ Results come back as float32 on the CPU.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from typing import Dict, List, Sequence
 
@@ -39,7 +40,7 @@ from . import distributed as dist
 from ._pass import factor_pass, model_device, progress_bar
 from .capture import layer_shape
 from .data import _check_batch_size, num_examples
-from .layers import (Projected, Query, cat_parts, cat_records, choose_layouts, decode, encode,
+from .layers import (Projected, Query, RecordStack, cat_parts, choose_layouts, decode, encode,
                      score)
 from .store import Store, StoreWriter, build_lock, hash_state
 
@@ -61,10 +62,13 @@ def subset(data, start: int, stop: int):
     return Subset(data, range(start, stop))
 
 
-def _pass(method, data, batch_size, name, measurement_fn=None):
-    """``(offset, {module: LayerBatch})`` per batch of ``data`` with the method's capture."""
+def _pass(method, data, batch_size, name, measurement_fn=None, names=None):
+    """``(offset, {module: LayerBatch})`` per batch of ``data`` with the method's capture
+    (``names``: of these modules only)."""
     what = "loss_fn" if measurement_fn is None else "measurement_fn"
-    return factor_pass(method.model, measurement_fn or method.loss_fn, data, method.modules,
+    modules = method.modules if names is None else \
+        {n: m for n, m in method.modules.items() if n in names}
+    return factor_pass(method.model, measurement_fn or method.loss_fn, data, modules,
                        batch_size, token_mask_fn=method.token_mask_fn, desc=f"fastinf {name}",
                        progress=method.progress, what=what, name=name)
 
@@ -136,19 +140,40 @@ def check_store(store: Store, method) -> None:
 
 
 # --------------------------------------------------------------------------- query side
+def _query_records(method, query, batch_size: int, measurement_fn=None, names=None, **options):
+    """Yields ``(term index, {part: record})`` per capture batch of ``query``, term by term
+    (the model in that term's state while the term's batches are consumed); ``names``: of
+    these layers only."""
+    for i, (m, _, at) in enumerate(method.terms()):
+        with at():
+            for _, layers in _pass(m, query, batch_size, "query", measurement_fn, names):
+                yield i, m.query_layers(layers, **options)
+
+
+def _check_measurement_fn(measurement_fn):
+    if measurement_fn is not None and not callable(measurement_fn):
+        raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
+
+
+def _assemble(method, items, n: int) -> List[Dict[str, Query]]:
+    """Per term ``{part: Query}`` of ``n`` queries from ``(term, records)`` items: each part's
+    capture batches are written into one buffer (:class:`fastinf.layers.RecordStack`), so no
+    query state is ever concatenated or copied whole."""
+    stacks: List[Dict[str, RecordStack]] = [{} for _ in method.terms()]
+    for i, recs in items:
+        for p, r in recs.items():
+            stacks[i].setdefault(p, RecordStack(n)).add(r)
+        del recs
+    return [{p: Query(s.result()) for p, s in st.items()} for st in stacks]
+
+
 def query_state(method, query, batch_size: int, measurement_fn=None, **options
                 ) -> List[Dict[str, Query]]:
     """Per term of the method: ``{part: Query}`` over all of ``query``."""
     _check_batch_size(batch_size)
-    if measurement_fn is not None and not callable(measurement_fn):
-        raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
-    states = []
-    for m, _, at in method.terms():
-        with at():
-            recs = [m.query_layers(layers, **options)
-                    for _, layers in _pass(m, query, batch_size, "query", measurement_fn)]
-        states.append({p: Query(cat_records([r[p] for r in recs])) for p in recs[0]})
-    return states
+    _check_measurement_fn(measurement_fn)
+    return _assemble(method, _query_records(method, query, batch_size, measurement_fn, **options),
+                     num_examples(query, "query"))
 
 
 def _n_query(state) -> int:
@@ -156,20 +181,63 @@ def _n_query(state) -> int:
 
 
 def query_memory_bytes() -> int:
-    """The query side's memory budget (env ``FASTINF_QUERY_MEMORY_MB``, default 1024)."""
-    return int(float(os.environ.get("FASTINF_QUERY_MEMORY_MB", "1024")) * 2**20)
+    """The query side's memory budget (env ``FASTINF_QUERY_MEMORY_MB``, default 512): the
+    bytes of query state one query batch (or group of layers) holds. Peak memory is about the
+    process's own (model, factors) + this budget + one train batch's capture and scoring
+    workspace (~0.4 GB for the d=256, T=48 transformer of ``bench/e2e/ekfac_cost.py`` at
+    batch 32). On that transformer's 256-query exact pairwise (8 groups of layers, see
+    :func:`query_batches`) 512 peaks at 1.13-1.21 GB, under Kronfluence's 1.30 GB, in the time
+    the query batches of the former default 1024 took (2.34 GB); 1024 now gives 4 groups,
+    1.70 GB and 0.62x that time (1 thread, shared machine). A larger budget means fewer
+    passes: raise it where memory allows."""
+    return int(float(os.environ.get("FASTINF_QUERY_MEMORY_MB", "512")) * 2**20)
+
+
+def _record_bytes(r) -> int:
+    return sum(t.numel() * t.element_size()
+               for t in (getattr(r, f, None) for f in ("A", "G", "mask", "D", "X"))
+               if isinstance(t, torch.Tensor))
 
 
 def _state_bytes(state) -> int:
     """Bytes held by the records of a query state (all terms and parts)."""
-    n = 0
-    for st in state:
-        for q in st.values():
-            r = q.rec
-            for t in (getattr(r, f, None) for f in ("A", "G", "mask", "D", "X")):
-                if isinstance(t, torch.Tensor):
-                    n += t.numel() * t.element_size()
-    return n
+    return sum(_record_bytes(q.rec) for st in state for q in st.values())
+
+
+def _layer_names(method, st):
+    """The layers a query state holds where it holds some of the method's layers only (a group
+    of :func:`query_batches`), else None (all)."""
+    if any(isinstance(q.rec, Projected) for q in st.values()):   # one part of all layers
+        return None
+    return list(st) if set(st) < set(method.modules) else None
+
+
+def _part_bytes(items, n: int) -> Dict[str, int]:
+    """``{part: bytes per query}`` of ``(term, records)`` items of ``n`` queries (a function of
+    its own: a loop variable of the generator :func:`query_batches` would keep the last
+    records alive across all its query batches)."""
+    sizes: Dict[str, int] = {}
+    for _, recs in items:
+        for p, r in recs.items():
+            sizes[p] = sizes.get(p, 0) + _record_bytes(r) // n
+    return sizes
+
+
+def _groups(sizes: Dict[str, int], cap: int) -> List[List[str]]:
+    """Parts packed into as few groups of at most ``cap`` bytes as first-fit decreasing finds
+    (a part above ``cap`` alone), each group in the order of ``sizes``."""
+    groups: List[List[str]] = []
+    used: List[int] = []
+    for p in sorted(sizes, key=lambda p: -sizes[p]):
+        g = next((i for i, u in enumerate(used) if u + sizes[p] <= cap), None)
+        if g is None:
+            groups.append([])
+            used.append(0)
+            g = len(groups) - 1
+        groups[g].append(p)
+        used[g] += sizes[p]
+    order = {p: i for i, p in enumerate(sizes)}
+    return sorted((sorted(g, key=order.get) for g in groups), key=lambda g: order[g[0]])
 
 
 def _slice(data, start, stop, n):
@@ -185,40 +253,61 @@ def _check_query_batch_size(query_batch_size):
 
 
 def query_batches(method, query, batch_size: int, query_batch_size=None, measurement_fn=None,
-                  **options):
+                  train_size=None, **options):
     """Yields ``(q0, state)``: the query state of queries ``[q0, q0 + len)``, one query batch
     at a time. ``query_batch_size=None``: the first ``batch_size`` queries are computed, their
     state's bytes per query measured, and the batch made as large as
-    :func:`query_memory_bytes` allows (so with few or low-rank queries one batch holds all)."""
+    :func:`query_memory_bytes` allows (so with few or low-rank queries one batch holds all).
+
+    ``train_size`` (for a consumer that sums the parts itself, as :func:`pairwise` from data):
+    where all queries do not fit the budget but all queries of each layer do, and there are no
+    more queries than ``train_size`` train examples, the layers are split instead of the
+    queries: every query, once per group of layers (each state holds its group's parts, and
+    the consumer's train pass captures those layers only). The train side is then computed
+    once per group of layers (its tokens rotated, its gradients materialised once in all)
+    instead of in full once per query batch, at the cost of a query pass per group."""
     _check_batch_size(batch_size)
     _check_query_batch_size(query_batch_size)
     Q = num_examples(query, "query")
     if Q == 0:
         raise ValueError("'query' is empty: nothing to compute")
-    first = min(Q, batch_size if query_batch_size is None else query_batch_size)
-    state = query_state(method, _slice(query, 0, first, Q), batch_size, measurement_fn, **options)
-    qbs = query_batch_size
+    _check_measurement_fn(measurement_fn)
+    qbs, head, groups = query_batch_size, [], [None]
     if qbs is None:
-        per = max(1, _state_bytes(state) // first)
-        qbs = max(first, query_memory_bytes() // per)
-        if qbs < Q and qbs > batch_size:
+        # the first capture batch's records, measured, then written into the first query batch
+        first = min(Q, batch_size)
+        head = list(_query_records(method, _slice(query, 0, first, Q), batch_size,
+                                   measurement_fn, **options))
+        sizes = _part_bytes(head, first)
+        budget = query_memory_bytes()
+        qbs = max(first, budget // max(1, sum(sizes.values())))
+        per_layer = set(sizes) <= set(method.modules) and not any(
+            isinstance(r, Projected) for _, recs in head for r in recs.values())
+        if (qbs < Q and per_layer and train_size is not None and Q <= train_size
+                and Q * max(sizes.values()) <= budget):
+            groups, qbs = _groups(sizes, budget // Q), Q
+        elif batch_size < qbs < Q:
             qbs = qbs // batch_size * batch_size       # whole capture batches
-    q0, q1 = 0, first
-    while q0 < Q:
-        stop = min(Q, q0 + qbs)
-        if q1 < stop:      # complete the batch
-            more = query_state(method, _slice(query, q1, stop, Q), batch_size, measurement_fn,
-                               **options)
-            state = [{p: Query(cat_records([st[p].rec, mo[p].rec])) for p in st}
-                     for st, mo in zip(state, more)]
-            del more
-        yield q0, state
-        state = None
-        q0 = q1 = stop
-        if q0 < Q:
-            q1 = min(Q, q0 + qbs)
-            state = query_state(method, _slice(query, q0, q1, Q), batch_size, measurement_fn,
-                                **options)
+    for group in groups:
+        if group is not None:     # the head's records of the other groups are dropped
+            head = [(i, {p: r for p, r in recs.items() if p in group}) for i, recs in head]
+        q0 = 0
+        while q0 < Q:
+            stop = min(Q, q0 + qbs)
+            q1 = q0 + sum(len(next(iter(recs.values()))) for i, recs in head if i == 0)
+            items = itertools.chain(_drain(head), _query_records(
+                method, _slice(query, q1, stop, Q), batch_size, measurement_fn, group,
+                **options) if q1 < stop else ())
+            state = _assemble(method, items, stop - q0)
+            yield q0, state
+            del state, items
+            q0 = stop
+
+
+def _drain(items: list):
+    """Yields and forgets the items of a list (each freed once consumed)."""
+    while items:
+        yield items.pop(0)
 
 
 # --------------------------------------------------------------------------- train side
@@ -228,7 +317,7 @@ def _data_block(method, state, data, batch_size, **how) -> Dict[str, torch.Tenso
     n = num_examples(data)
     for (m, w, at), st in zip(method.terms(), state):
         with at():
-            for off, layers in _pass(m, data, batch_size, "train"):
+            for off, layers in _pass(m, data, batch_size, "train", names=_layer_names(m, st)):
                 s = _sum_scores(m, m.train_layers(layers), st, **how)
                 _add_block(out, {k: v.transpose(0, 1) for k, v in s.items()}, off, n, w)
     return out
@@ -287,7 +376,9 @@ def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
     """``[n_query, n_train]`` float32 scores (CPU); every rank returns the full matrix.
 
     Queries are scored ``query_batch_size`` at a time (see :func:`query_batches`); the train
-    side is recomputed per query batch unless it is a store. ``per_token``: ``[Q, N, T]``
+    side is recomputed per query batch unless it is a store (from data, with the default
+    ``query_batch_size`` and not ``per_token``, the layers may be split into groups instead,
+    every query scored once per group: see :func:`query_batches`). ``per_token``: ``[Q, N, T]``
     (T: the most tokens of a train example; masked and missing tokens 0); ``per_module``:
     ``{module name: scores}`` (with ``per_token`` each ``[Q, N, T]``).
     """
@@ -301,6 +392,7 @@ def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
     out: Dict[str, torch.Tensor] = {}
     Q = num_examples(query, "query")
     for q0, state in query_batches(method, query, batch_size, query_batch_size, measurement_fn,
+                                   None if isinstance(train, Store) or per_token else n,
                                    **options):
         if per_module or per_token:
             if any(isinstance(q.rec, Projected) for st in state for q in st.values()):
@@ -314,9 +406,11 @@ def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
                 _add_block(rows, b, o, n)
         for k, v in rows.items():
             _add_block(out, {k: v.transpose(0, 1)}, q0, Q)    # rows q0.. of [Q, n(, T)]
-        parts = list(state[0])
+        parts += [p for p in state[0] if p not in parts]
         del state, blocks, rows      # the next query batch is computed without this one
     out = {k: v.transpose(0, 1).contiguous() for k, v in out.items()}
+    order = {p: i for i, p in enumerate(method.modules)}   # groups of layers: in module order
+    parts.sort(key=lambda p: order.get(p, -1))
     return {p: out[p] for p in parts} if per_module else out[""]
 
 

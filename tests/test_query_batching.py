@@ -209,3 +209,116 @@ def test_factor_queries_scored_densely_never_keep_the_dense_form(monkeypatch):
     torch.testing.assert_close(layers.score(dense_train, q, torch.float64), ref, rtol=1e-12,
                                atol=1e-12)
     assert q._dense is None
+
+
+def test_record_stack_writes_batches_into_one_buffer():
+    """Dense records (Eigen, DenseLayer, Projected) of several batches are written into one
+    buffer, equal to their concatenation; token factors are padded to the most tokens."""
+    g = torch.Generator().manual_seed(1)
+    QA, QS = torch.randn(3, 3, generator=g), torch.randn(2, 2, generator=g)
+    X = torch.randn(7, 2, 3, generator=g)
+    for make, field in ((lambda x: layers.Eigen(x, QA, QS), "X"), (layers.DenseLayer, "D"),
+                        (lambda x: layers.Projected(x.flatten(1)), "X")):
+        parts = [make(X[:3]), make(X[3:4]), make(X[4:])]
+        st = layers.RecordStack(7)
+        for p in parts:
+            st.add(p)
+        rec = st.result()
+        assert type(rec) is type(parts[0])
+        assert torch.equal(getattr(rec, field), torch.cat([getattr(p, field) for p in parts]))
+        if isinstance(rec, layers.Eigen):
+            assert rec.QA is QA and rec.QS is QS
+        one = layers.RecordStack(7)
+        one.add(make(X))
+        with pytest.raises(ValueError, match="8 examples added, 7 expected"):
+            one.add(make(X[:1]))
+    short = layers.RecordStack(7)
+    short.add(layers.DenseLayer(X[:3]))
+    with pytest.raises(ValueError, match="3 examples added, 7 expected"):
+        short.result()
+    A1, G1 = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 5, generator=g)
+    A2, G2 = torch.randn(1, 6, 3, generator=g), torch.randn(1, 6, 5, generator=g)
+    st = layers.RecordStack(3)
+    st.add(layers.LayerBatch(A1, G1, None))
+    st.add(layers.LayerBatch(A2, G2, None))
+    rec = st.result()
+    assert rec.A.shape == (3, 6, 3) and rec.mask.tolist() == [[True] * 4 + [False] * 2] * 2 + \
+        [[True] * 6]
+    torch.testing.assert_close(rec.dense(), torch.cat([layers.LayerBatch(A1, G1).dense(),
+                                                        layers.LayerBatch(A2, G2).dense()]))
+
+
+def test_query_state_is_never_concatenated(setup, monkeypatch):
+    """A query batch of several capture batches (the budget's first batch completed by the
+    rest, or an explicit query_batch_size) is written into per-layer buffers: no torch.cat of
+    dense [q, dout, din] query states (each would copy the whole state and double its memory,
+    as before) and the scores equal one capture batch per query batch."""
+    ms, _, train, query = setup
+    ek = ms["ekfac"]
+    shapes = {(m.out_features, m.in_features + (m.bias is not None)) for m in ek.modules.values()}
+    ref = ek.pairwise_scores(query, train, batch_size=11, query_batch_size=11)
+    real_cat, dense_cats = torch.cat, []
+
+    def spy(tensors, *a, **k):
+        out = real_cat(tensors, *a, **k)
+        if out.dim() == 3 and tuple(out.shape[1:]) in shapes:
+            dense_cats.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(torch, "cat", spy)
+    monkeypatch.setenv("FASTINF_QUERY_MEMORY_MB", str(8 * scoring._state_bytes(
+        scoring.query_state(ek, query[:3] if torch.is_tensor(query) else
+                            tuple(t[:3] for t in query), 3)) / 3 / 2**20))
+    for qbs in (None, 8):
+        _close(ek.pairwise_scores(query, train, batch_size=3, query_batch_size=qbs), ref)
+    assert dense_cats == []
+    # the spy does see a concatenation of dense query states
+    layers.DenseLayer(torch.cat([torch.zeros((1,) + s) for s in sorted(shapes)[:1]] * 2))
+    assert dense_cats
+
+
+def test_layer_groups_equal_one_batch(setup, monkeypatch):
+    """From data, with all queries of each layer within the budget but not all layers, every
+    query is scored once per group of layers (the train pass capturing that group only): the
+    same scores and per-module scores as one batch of all layers."""
+    ms, stores, train, query = setup
+    ek = ms["ekfac"]
+    sizes = {p: scoring._record_bytes(q.rec) for p, q in
+             scoring.query_state(ek, query, 4)[0].items()}
+    assert len(sizes) > 2
+    monkeypatch.setenv("FASTINF_QUERY_MEMORY_MB", str(1.01 * max(sizes.values()) / 2**20))
+    ref = {k: ek.pairwise_scores(query, train, batch_size=4, query_batch_size=11, **kw)
+           for k, kw in (("all", {}), ("module", {"per_module": True}))}
+    seen, train_layers = [], []
+    real_qb, real_pass = scoring.query_batches, scoring._pass
+
+    def spy_qb(*a, **k):
+        for q0, st in real_qb(*a, **k):
+            seen.append((q0, scoring._n_query(st), tuple(st[0])))
+            yield q0, st
+
+    def spy_pass(method, data, batch_size, name, measurement_fn=None, names=None):
+        if name == "train":
+            train_layers.append(None if names is None else tuple(names))
+        return real_pass(method, data, batch_size, name, measurement_fn, names)
+    monkeypatch.setattr(scoring, "query_batches", spy_qb)
+    monkeypatch.setattr(scoring, "_pass", spy_pass)
+    _close(ek.pairwise_scores(query, train, batch_size=4), ref["all"])
+    groups = [g for _, _, g in seen]
+    assert len(groups) > 1 and all(q0 == 0 and n == 11 for q0, n, _ in seen)
+    assert sorted(p for g in groups for p in g) == sorted(sizes)      # each layer once
+    assert train_layers == groups
+    assert all(len(g) == 1 or sum(sizes[p] for p in g) <= 1.01 * max(sizes.values())
+               for g in groups)
+    got = ek.pairwise_scores(query, train, batch_size=4, per_module=True)
+    assert list(got) == list(ref["module"])
+    for k in got:
+        _close(got[k], ref["module"][k])
+    # more queries than train examples, a store, top_influences or per_token=True (its check
+    # that all layers see the same tokens needs them together): query batches of all layers
+    seen.clear()
+    ek.pairwise_scores(query, tuple(t[:10] for t in train), batch_size=4)
+    ek.pairwise_scores(query, stores["ekfac"], batch_size=4)
+    ek.top_influences(query, train, k=2, batch_size=4)
+    with pytest.raises(ValueError, match="same tokens"):
+        ek.pairwise_scores(query, train, batch_size=4, per_token=True)
+    assert len(seen) > 3 and all(g == tuple(sizes) for _, _, g in seen)
