@@ -97,13 +97,7 @@ def step_fastinf(step, work, s, tag):
         ek.save(fpath)
         return dt
     ek = fastinf.EKFAC.load(fpath, model, loss_fn, **kw)
-    t0 = time.perf_counter()
-    if step == "self":
-        S = ek.self_scores(train, batch_size=bs)
-    else:
-        S = ek.pairwise_scores(query, train, batch_size=bs,
-                               query_rank=RANK if step == "pairwise_rank32" else None)
-    dt = time.perf_counter() - t0
+    S, dt = M.fastinf_score_step(ek, step, query, train, bs, RANK)
     torch.save(S, work / f"{tag}_{step}.pt")
     return dt
 

@@ -173,6 +173,18 @@ def train_briefly(model: nn.Module, data, steps: int, batch_size: int) -> nn.Mod
     return model.eval()
 
 
+def fastinf_score_step(ek, step: str, query, train, batch_size: int, rank: int):
+    """``(scores, seconds)`` of one fastinf scoring step of a fitted EK-FAC: ``"self"``,
+    ``"pairwise"`` (exact) or ``"pairwise_rank32"`` (``query_rank=rank``)."""
+    t0 = time.perf_counter()
+    if step == "self":
+        S = ek.self_scores(train, batch_size=batch_size)
+    else:
+        S = ek.pairwise_scores(query, train, batch_size=batch_size,
+                               query_rank=rank if step == "pairwise_rank32" else None)
+    return S, time.perf_counter() - t0
+
+
 def kronfluence_step(model, names, train, query, step: str, batch_size: int, rank: int,
                      work, scores_path, before=lambda: None):
     """One Kronfluence step (EK-FAC, empirical Fisher, damping heuristic) on ``model`` tracking

@@ -91,13 +91,7 @@ def _fastinf_step(step, work, case, s):
         (work / "tracked.json").write_text(json.dumps(info))
         return dict(seconds=dt, setup_mib=setup, **info)
     ek = fastinf.EKFAC.load(work / "fastinf_factors.pt", model, M.loss_fn, **kw)
-    t0 = time.perf_counter()
-    if step == "self":
-        S = ek.self_scores(train, batch_size=bs)
-    else:
-        S = ek.pairwise_scores(query, train, batch_size=bs,
-                               query_rank=RANK if step == "pairwise_rank32" else None)
-    dt = time.perf_counter() - t0
+    S, dt = M.fastinf_score_step(ek, step, query, train, bs, RANK)
     torch.save(S.float().cpu(), work / f"fastinf_{step}.pt")
     return dict(seconds=dt, setup_mib=setup)
 
