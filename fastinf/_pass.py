@@ -28,13 +28,16 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
                 batch_size: int, *, token_mask_fn: Optional[Callable] = None,
                 desc: str = "fastinf", progress: bool = True, what: str = "loss_fn",
                 name: str = "data", select: Optional[Callable[[int], bool]] = None,
-                start: int = 0) -> Iterator[Tuple[int, Dict[str, LayerBatch]]]:
+                start: int = 0, replay=None, base: int = 0
+                ) -> Iterator[Tuple[int, Dict[str, LayerBatch]]]:
     """Yields ``(offset, {module: LayerBatch})`` for every batch of ``data``, in order.
 
     Runs the model in eval mode (restored afterwards) on its own device, with a progress bar.
     ``select(batch_index) -> bool`` skips the capture of unselected batches (data-parallel
     splits, see :mod:`fastinf.distributed`), and so does ``start`` for the batches before the
-    example offset ``start`` (already captured).
+    example offset ``start`` (already captured). ``replay``: a
+    :class:`fastinf.replay.BlockReplay` of this data (batches keyed ``base + offset``) that
+    replays the recorded batches where it can and records the others.
     """
     n = num_examples(data, name)
     if n == 0:
@@ -51,7 +54,12 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
                 if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                     raise ValueError("token_mask_fn must return a [B, T] bool tensor, got "
                                      f"{getattr(mask, 'shape', type(mask).__name__)}")
-            factors = capture(model, loss_fn, batch, modules, token_mask=mask, offset=offset,
-                              what=what)
+            factors = None
+            if replay is not None:
+                factors = replay.capture(base + offset, modules, mask, what)
+            if factors is None:
+                factors = capture(model, loss_fn, batch, modules, token_mask=mask, offset=offset,
+                                  what=what, record=None if replay is None
+                                  else replay.recorder(base + offset))
             yield offset, factors
             bar.update(next(iter(factors.values())).A.shape[0])

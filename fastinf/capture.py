@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -280,20 +280,12 @@ def _call_mask(token_mask: torch.Tensor, a: torch.Tensor, name: str) -> Optional
                      "layers with modules=[...]")
 
 
-def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Module], *,
-            token_mask: Optional[torch.Tensor] = None, offset: int = 0,
-            what: str = "loss_fn", check_finite: bool = True) -> Dict[str, LayerBatch]:
-    """Runs ``loss_fn(model, batch)`` and returns ``{name: LayerBatch}`` for the tracked modules.
-
-    ``token_mask`` ``[B, T]`` (bool) applies to every call of a tracked module that sees T tokens
-    per example (a module called twice gets it on both calls); excluded tokens are zeroed in A
-    and G and marked in ``mask``. A call with one token per example (a head on a pooled vector)
-    keeps it unmasked; any other token count is an error naming the module and the shapes.
-    ``offset`` is the dataset index of the batch's first example, used in error messages.
-    """
+@contextlib.contextmanager
+def recording(modules: Dict[str, nn.Module]):
+    """Forward hooks on ``modules`` for the duration: yields ``(inputs, outputs)``, per module
+    the token inputs ``[B, t, din]`` (detached) and the outputs of each call under grad."""
     inputs: Dict[str, list] = {n: [] for n in modules}
     outputs: Dict[str, list] = {n: [] for n in modules}
-    handles = []
 
     def make_hook(name):
         def hook(mod, args, out):
@@ -303,26 +295,55 @@ def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Mo
             outputs[name].append(out)
         return hook
 
-    for name, m in modules.items():
-        handles.append(m.register_forward_hook(make_hook(name)))
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
     try:
-        with torch.enable_grad():
-            losses = loss_fn(model, batch)
+        yield inputs, outputs
     finally:
         for h in handles:
             h.remove()
-    B = None
+
+
+def _batch_size(inputs, modules, what) -> int:
     for v in inputs.values():
         if v:
-            B = v[0].shape[0]
-            break
-    if B is None:
-        raise ValueError(f"{what} ran, but none of the tracked modules ({', '.join(modules)}) was "
-                         "called: is the model used inside it?")
+            return v[0].shape[0]
+    raise ValueError(f"{what} ran, but none of the tracked modules ({', '.join(modules)}) was "
+                     "called: is the model used inside it?")
+
+
+def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Module], *,
+            token_mask: Optional[torch.Tensor] = None, offset: int = 0,
+            what: str = "loss_fn", check_finite: bool = True, record=None) -> Dict[str, LayerBatch]:
+    """Runs ``loss_fn(model, batch)`` and returns ``{name: LayerBatch}`` for the tracked modules.
+
+    ``token_mask`` ``[B, T]`` (bool) applies to every call of a tracked module that sees T tokens
+    per example (a module called twice gets it on both calls); excluded tokens are zeroed in A
+    and G and marked in ``mask``. A call with one token per example (a head on a pooled vector)
+    keeps it unmasked; any other token count is an error naming the module and the shapes.
+    ``offset`` is the dataset index of the batch's first example, used in error messages.
+    ``record``: a :class:`fastinf.replay.BlockRecorder` that keeps the blocks' inputs and
+    output gradients of this batch (:mod:`fastinf.replay`).
+    """
+    with recording(modules) as (inputs, outputs), \
+            (record.watch() if record is not None else contextlib.nullcontext()):
+        with torch.enable_grad():
+            losses = loss_fn(model, batch)
+    B = _batch_size(inputs, modules, what)
     _check_losses(losses, B, offset, what)
     names = [n for n in modules if outputs[n]]
     flat = [o for n in names for o in outputs[n]]
-    grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
+    extra = record.outputs() if record is not None else []
+    grads = torch.autograd.grad(losses.sum(), flat + extra, allow_unused=True)
+    if record is not None:
+        record.keep(grads[len(flat):])
+    return collect(modules, names, inputs, outputs, grads, token_mask, offset, what, check_finite)
+
+
+def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, what: str,
+            check_finite: bool = True) -> Dict[str, LayerBatch]:
+    """``{name: LayerBatch}`` from the recorded inputs, outputs and the gradients w.r.t. the
+    outputs (``grads``, in the order of ``names`` and their calls), masked and checked."""
+    B = _batch_size(inputs, modules, what)
     if token_mask is not None:
         token_mask = _check_mask(token_mask, B)
     result: Dict[str, LayerBatch] = {}

@@ -40,6 +40,7 @@ from . import distributed as dist
 from ._pass import factor_pass, model_device, progress_bar
 from .capture import layer_shape
 from .data import _check_batch_size, num_examples
+from .replay import BlockReplay
 from .layers import (Projected, Query, RecordStack, cat_parts, choose_layouts, decode, encode,
                      score)
 from .store import Store, StoreWriter, build_lock, hash_state
@@ -62,15 +63,16 @@ def subset(data, start: int, stop: int):
     return Subset(data, range(start, stop))
 
 
-def _pass(method, data, batch_size, name, measurement_fn=None, names=None):
+def _pass(method, data, batch_size, name, measurement_fn=None, names=None, replay=None, base=0):
     """``(offset, {module: LayerBatch})`` per batch of ``data`` with the method's capture
-    (``names``: of these modules only)."""
+    (``names``: of these modules only; ``replay``: a :class:`fastinf.replay.BlockReplay` of
+    ``data``, its batches keyed ``base + offset``)."""
     what = "loss_fn" if measurement_fn is None else "measurement_fn"
     modules = method.modules if names is None else \
         {n: m for n, m in method.modules.items() if n in names}
     return factor_pass(method.model, measurement_fn or method.loss_fn, data, modules,
                        batch_size, token_mask_fn=method.token_mask_fn, desc=f"fastinf {name}",
-                       progress=method.progress, what=what, name=name)
+                       progress=method.progress, what=what, name=name, replay=replay, base=base)
 
 
 def _sum_scores(method, records, state, per_module=False, per_token=False
@@ -140,13 +142,16 @@ def check_store(store: Store, method) -> None:
 
 
 # --------------------------------------------------------------------------- query side
-def _query_records(method, query, batch_size: int, measurement_fn=None, names=None, **options):
+def _query_records(method, query, batch_size: int, measurement_fn=None, names=None,
+                   replays=None, base=0, **options):
     """Yields ``(term index, {part: record})`` per capture batch of ``query``, term by term
     (the model in that term's state while the term's batches are consumed); ``names``: of
-    these layers only."""
+    these layers only; ``replays``: a :class:`fastinf.replay.BlockReplay` per term, ``query``
+    being examples ``base..`` of the data they record."""
     for i, (m, _, at) in enumerate(method.terms()):
         with at():
-            for _, layers in _pass(m, query, batch_size, "query", measurement_fn, names):
+            for _, layers in _pass(m, query, batch_size, "query", measurement_fn, names,
+                                   replays[i] if replays else None, base):
                 yield i, m.query_layers(layers, **options)
 
 
@@ -240,6 +245,25 @@ def _groups(sizes: Dict[str, int], cap: int) -> List[List[str]]:
     return sorted((sorted(g, key=order.get) for g in groups), key=lambda g: order[g[0]])
 
 
+def _groups_in_order(order: List[str], sizes: Dict[str, int], cap: int) -> List[List[str]]:
+    """Parts packed in the given order, each group as many consecutive parts as fit ``cap``
+    (a part above ``cap`` alone): with block replay a group then touches one or two blocks."""
+    groups: List[List[str]] = []
+    used = cap + 1
+    for p in order:
+        if used + sizes[p] > cap:
+            groups.append([])
+            used = 0
+        groups[-1].append(p)
+        used += sizes[p]
+    return groups
+
+
+def _replays(method, what: str):
+    """A :class:`fastinf.replay.BlockReplay` per term of the method."""
+    return [BlockReplay(m.model, m.modules, what=what) for m, _, _ in method.terms()]
+
+
 def _slice(data, start, stop, n):
     return data if (start, stop) == (0, n) else subset(data, start, stop)
 
@@ -253,7 +277,7 @@ def _check_query_batch_size(query_batch_size):
 
 
 def query_batches(method, query, batch_size: int, query_batch_size=None, measurement_fn=None,
-                  train_size=None, **options):
+                  train_size=None, train_replays=None, **options):
     """Yields ``(q0, state)``: the query state of queries ``[q0, q0 + len)``, one query batch
     at a time. ``query_batch_size=None``: the first ``batch_size`` queries are computed, their
     state's bytes per query measured, and the batch made as large as
@@ -265,19 +289,26 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
     queries: every query, once per group of layers (each state holds its group's parts, and
     the consumer's train pass captures those layers only). The train side is then computed
     once per group of layers (its tokens rotated, its gradients materialised once in all)
-    instead of in full once per query batch, at the cost of a query pass per group."""
+    instead of in full once per query batch, at the cost of a query pass per group. Where the
+    model has a stack of blocks (:mod:`fastinf.replay`), the passes after the first replay only
+    the blocks holding the group's layers; the groups are then consecutive layers, and the
+    block records of the queries and of the train set (estimated from the first batch) count
+    against the same budget. ``train_replays`` (a dict) then receives the train side's
+    :class:`fastinf.replay.BlockReplay` per term, for :func:`_data_block`."""
     _check_batch_size(batch_size)
     _check_query_batch_size(query_batch_size)
     Q = num_examples(query, "query")
     if Q == 0:
         raise ValueError("'query' is empty: nothing to compute")
     _check_measurement_fn(measurement_fn)
-    qbs, head, groups = query_batch_size, [], [None]
+    qbs, head, groups, replays = query_batch_size, [], [None], None
     if qbs is None:
         # the first capture batch's records, measured, then written into the first query batch
         first = min(Q, batch_size)
+        if train_size is not None:     # groups of layers possible: record the blocks
+            replays = _replays(method, "query")
         head = list(_query_records(method, _slice(query, 0, first, Q), batch_size,
-                                   measurement_fn, **options))
+                                   measurement_fn, replays=replays, **options))
         sizes = _part_bytes(head, first)
         budget = query_memory_bytes()
         qbs = max(first, budget // max(1, sum(sizes.values())))
@@ -285,9 +316,24 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
             isinstance(r, Projected) for _, recs in head for r in recs.values())
         if (qbs < Q and per_layer and train_size is not None and Q <= train_size
                 and Q * max(sizes.values()) <= budget):
-            groups, qbs = _groups(sizes, budget // Q), Q
-        elif batch_size < qbs < Q:
-            qbs = qbs // batch_size * batch_size       # whole capture batches
+            # block records of the queries and of the train set, within the same budget
+            rec = [min(r.budget, r.bytes * Q // first) + min(r.budget, r.bytes * train_size // first)
+                   for r in replays or []]
+            if replays and all(r.active for r in replays) and \
+                    Q * max(sizes.values()) <= budget - sum(rec):
+                groups = _groups_in_order(replays[0].order(list(sizes)), sizes,
+                                          (budget - sum(rec)) // Q)
+                if train_replays is not None:
+                    train_replays.update({i: BlockReplay(m.model, m.modules, what="train")
+                                          for i, (m, _, _) in enumerate(method.terms())})
+            else:
+                replays = None
+                groups = _groups(sizes, budget // Q)
+            qbs = Q
+        else:
+            replays = None
+            if batch_size < qbs < Q:
+                qbs = qbs // batch_size * batch_size       # whole capture batches
     for group in groups:
         if group is not None:     # the head's records of the other groups are dropped
             head = [(i, {p: r for p, r in recs.items() if p in group}) for i, recs in head]
@@ -297,7 +343,7 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
             q1 = q0 + sum(len(next(iter(recs.values()))) for i, recs in head if i == 0)
             items = itertools.chain(_drain(head), _query_records(
                 method, _slice(query, q1, stop, Q), batch_size, measurement_fn, group,
-                **options) if q1 < stop else ())
+                replays, q1, **options) if q1 < stop else ())
             state = _assemble(method, items, stop - q0)
             yield q0, state
             del state, items
@@ -311,13 +357,19 @@ def _drain(items: list):
 
 
 # --------------------------------------------------------------------------- train side
-def _data_block(method, state, data, batch_size, **how) -> Dict[str, torch.Tensor]:
-    """``{key: [Q, n(, T)]}`` scores against ``data`` by a gradient pass per term."""
+def _data_block(method, state, data, batch_size, replays=None, base=0, **how
+                ) -> Dict[str, torch.Tensor]:
+    """``{key: [Q, n(, T)]}`` scores against ``data`` by a gradient pass per term. ``replays``:
+    per term the :class:`fastinf.replay.BlockReplay` of ``data`` (its examples ``base..``),
+    used where the state holds a group of layers."""
     out: Dict[str, torch.Tensor] = {}
     n = num_examples(data)
-    for (m, w, at), st in zip(method.terms(), state):
+    for i, ((m, w, at), st) in enumerate(zip(method.terms(), state)):
+        names = _layer_names(m, st)
+        rp = None if names is None or not replays else replays.get(i)
         with at():
-            for off, layers in _pass(m, data, batch_size, "train", names=_layer_names(m, st)):
+            for off, layers in _pass(m, data, batch_size, "train", names=names, replay=rp,
+                                     base=base):
                 s = _sum_scores(m, m.train_layers(layers), st, **how)
                 _add_block(out, {k: v.transpose(0, 1) for k, v in s.items()}, off, n, w)
     return out
@@ -349,9 +401,10 @@ def _check_store_for(store: Store, per_module: bool, per_token: bool) -> None:
                          "with GradientStore.build(..., layout='factors') or score from data")
 
 
-def _train_blocks(method, state, train, batch_size, chunk, **how):
+def _train_blocks(method, state, train, batch_size, chunk, replays=None, **how):
     """Yields ``(offset, {key: scores [Q, B(, T)]})`` blocks of this rank's part of the train
-    side (``how``: ``per_module`` / ``per_token`` of :func:`_sum_scores`)."""
+    side (``how``: ``per_module`` / ``per_token`` of :func:`_sum_scores`; ``replays``: see
+    :func:`_data_block`)."""
     if isinstance(train, Store):
         check_store(train, method)
         for i, s in enumerate(train.shards):
@@ -366,7 +419,8 @@ def _train_blocks(method, state, train, batch_size, chunk, **how):
     chunk = max(batch_size, chunk // batch_size * batch_size)
     for start in range(lo, hi, chunk):
         stop = min(hi, start + chunk)
-        yield start, _data_block(method, state, _slice(train, start, stop, n), batch_size, **how)
+        yield start, _data_block(method, state, _slice(train, start, stop, n), batch_size,
+                                 replays, start, **how)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -391,15 +445,17 @@ def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
     parts: List[str] = []
     out: Dict[str, torch.Tensor] = {}
     Q = num_examples(query, "query")
+    replays: dict = {}      # the train side's block replays, shared by the groups of layers
     for q0, state in query_batches(method, query, batch_size, query_batch_size, measurement_fn,
                                    None if isinstance(train, Store) or per_token else n,
-                                   **options):
+                                   replays, **options):
         if per_module or per_token:
             if any(isinstance(q.rec, Projected) for st in state for q in st.values()):
                 _no_projection(per_module, per_token)
         blocks = [(o, {k: v.float().cpu() for k, v in b.items()})
                   for o, b in _train_blocks(method, state, train, batch_size, max(n, 1),
-                                            per_module=per_module, per_token=per_token)]
+                                            replays, per_module=per_module,
+                                            per_token=per_token)]
         rows: Dict[str, torch.Tensor] = {}
         for part in dist.all_gather_object(blocks):
             for o, b in part:

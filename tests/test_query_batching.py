@@ -296,10 +296,10 @@ def test_layer_groups_equal_one_batch(setup, monkeypatch):
             seen.append((q0, scoring._n_query(st), tuple(st[0])))
             yield q0, st
 
-    def spy_pass(method, data, batch_size, name, measurement_fn=None, names=None):
+    def spy_pass(method, data, batch_size, name, measurement_fn=None, names=None, *a, **k):
         if name == "train":
             train_layers.append(None if names is None else tuple(names))
-        return real_pass(method, data, batch_size, name, measurement_fn, names)
+        return real_pass(method, data, batch_size, name, measurement_fn, names, *a, **k)
     monkeypatch.setattr(scoring, "query_batches", spy_qb)
     monkeypatch.setattr(scoring, "_pass", spy_pass)
     _close(ek.pairwise_scores(query, train, batch_size=4), ref["all"])

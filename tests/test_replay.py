@@ -1,0 +1,291 @@
+"""Block replay (fastinf.replay): pairwise scores by groups of layers, the later passes replaying
+only the blocks that hold a group, equal the scores of full passes (float64), and every case
+replay cannot reproduce falls back to full passes with a warning naming why."""
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastinf
+import fastinf.replay as R
+import fastinf.scoring as scoring
+from _models import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
+
+
+class Block(nn.Module):
+    def __init__(self, d, mlp):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, mlp), nn.Linear(mlp, d)
+
+    def forward(self, x, key_mask, scale=1.0):
+        h = self.ln(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        att = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1]) * scale
+        att = att.masked_fill(~key_mask[:, None, :], -1e9).softmax(-1)
+        x = x + self.o(att @ v)
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+class BlockLM(nn.Module):
+    """Embedding, a ModuleList of blocks, a per-token head (an LM)."""
+
+    def __init__(self, vocab=13, d=16, mlp=32, n_blocks=3, kwarg=None):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, mlp) for _ in range(n_blocks))
+        self.head = nn.Linear(d, vocab)
+        self.kwarg = kwarg          # an extra keyword argument passed to every block
+
+    def forward(self, tok, mask):
+        x = self.emb(tok)
+        for b in self.blocks:
+            x = b(x, mask, **({} if self.kwarg is None else {"scale": self.kwarg}))
+        return self.head(x)
+
+
+def lm_loss(model, batch):
+    tok, mask = batch
+    logits = model(tok, mask)
+    labels = tok[:, 1:].masked_fill(~mask[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                           reduction="none").sum(1)
+
+
+def data(g, n, L=7, vocab=13):
+    tok = torch.randint(1, vocab, (n, L), generator=g)
+    lens = torch.randint(2, L + 1, (n,), generator=g)
+    mask = torch.arange(L)[None] < lens[:, None]
+    return torch.where(mask, tok, 0), mask
+
+
+def _mask(batch):
+    return batch[1]
+
+
+@pytest.fixture
+def f64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _setup(model=None, n=20, nq=9, seed=0):
+    torch.manual_seed(seed)
+    model = model or BlockLM()
+    g = torch.Generator().manual_seed(seed)
+    train, query = data(g, n), data(g, nq)
+    ek = fastinf.EKFAC(model, lm_loss, token_mask_fn=_mask, progress=False).fit(train, batch_size=8)
+    return ek, train, query
+
+
+def _groups_budget(method, query, n_train, monkeypatch, frac=0.4):
+    """A query budget that splits the layers into several groups: the block records of the
+    queries and the train set (they count against it) plus ``frac`` of the rest of the query
+    state."""
+    st = scoring.query_state(method, query, 4)
+    total = sum(scoring._record_bytes(q.rec) for s in st for q in s.values())
+    m = method.model
+    records = 2 * len(m.blocks) * query[0].shape[1] * m.emb.embedding_dim * 8 * \
+        (len(query[0]) + n_train) * len(st)
+    assert total > records
+    monkeypatch.setenv("FASTINF_QUERY_MEMORY_MB", str((records + frac * (total - records)) / 2**20))
+
+
+class _Count:
+    """Counts batches captured by replay and full-pass recordings."""
+
+    def __init__(self, monkeypatch):
+        self.replayed, self.disabled = 0, []
+        real_capture, real_disable = R.BlockReplay.capture, R.BlockReplay.disable
+
+        def capture(rp, *a, **k):
+            out = real_capture(rp, *a, **k)
+            self.replayed += out is not None
+            return out
+
+        def disable(rp, reason):
+            self.disabled.append(reason)
+            real_disable(rp, reason)
+        monkeypatch.setattr(R.BlockReplay, "capture", capture)
+        monkeypatch.setattr(R.BlockReplay, "disable", disable)
+
+
+def _reference(ek, query, train, monkeypatch, **kw):
+    with monkeypatch.context() as m:
+        m.setenv("FASTINF_REPLAY_MEMORY_MB", "0")
+        return ek.pairwise_scores(query, train, batch_size=4, **kw)
+
+
+def _close(a, b, tol=1e-6):     # scores come back in float32
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= tol * float(b.abs().max()), float((a - b).abs().max())
+
+
+def test_find_blocks():
+    model = BlockLM(n_blocks=3)
+    mods = fastinf.EKFAC(model, lm_loss, progress=False).modules
+    found = R.find_blocks(model, mods)
+    assert [n for n, _, _ in found] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert found[1][2] == [f"blocks.1.{x}" for x in ("q", "k", "v", "o", "fc1", "fc2")]
+    # one block only, or a plain Sequential of layers: no stack of blocks
+    assert R.find_blocks(BlockLM(n_blocks=1), fastinf.EKFAC(BlockLM(n_blocks=1), lm_loss,
+                                                             progress=False).modules) == []
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert R.find_blocks(seq, {"0": seq[0], "2": seq[2]}) == []
+
+
+def test_replay_equals_full_passes(f64, monkeypatch):
+    ek, train, query = _setup()
+    ref = _reference(ek, query, train, monkeypatch)
+    ref_mod = _reference(ek, query, train, monkeypatch, per_module=True)
+    _groups_budget(ek, query, len(train[0]), monkeypatch)
+    c = _Count(monkeypatch)
+    groups = []
+    real_qb = scoring.query_batches
+
+    def spy_qb(*a, **k):
+        for q0, st in real_qb(*a, **k):
+            groups.append(list(st[0]))
+            yield q0, st
+    monkeypatch.setattr(scoring, "query_batches", spy_qb)
+    got = ek.pairwise_scores(query, train, batch_size=4)
+    _close(got, ref)
+    assert len(groups) > 2 and c.disabled == []
+    # every group after the first is replayed: 3 query batches + 5 train batches each
+    assert c.replayed == (len(groups) - 1) * (3 + 5)
+    # groups are consecutive layers, the head (outside the blocks) in the first
+    assert "head" in groups[0]
+    order = [p for g in groups for p in g if p != "head"]
+    assert order == [n for n in ek.modules if n != "head"]
+    got = ek.pairwise_scores(query, train, batch_size=4, per_module=True)
+    assert list(got) == list(ref_mod)
+    for k in got:
+        _close(got[k], ref_mod[k])
+
+
+def test_partial_budget_records_some_batches(f64, monkeypatch):
+    ek, train, query = _setup()
+    ref = _reference(ek, query, train, monkeypatch)
+    _groups_budget(ek, query, len(train[0]), monkeypatch)
+    per_batch = 2 * 3 * 4 * 7 * 16 * 8         # 2 tensors x 3 blocks x 4 examples x L x d x 8 B
+    monkeypatch.setenv("FASTINF_REPLAY_MEMORY_MB", str(2.5 * per_batch / 2**20))
+    c = _Count(monkeypatch)
+    _close(ek.pairwise_scores(query, train, batch_size=4), ref)
+    assert c.disabled == [] and c.replayed > 0
+
+
+def test_tracin_terms_replay(f64, monkeypatch):
+    torch.manual_seed(1)
+    model = BlockLM()
+    g = torch.Generator().manual_seed(1)
+    train, query = data(g, 12), data(g, 6)
+    other = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    tr = fastinf.TracIn(model, lm_loss, token_mask_fn=_mask, progress=False,
+                        checkpoints=[(model.state_dict(), 0.5), (other, 2.0)])
+    ref = _reference(tr, query, train, monkeypatch)
+    _groups_budget(tr, query, len(train[0]), monkeypatch)
+    c = _Count(monkeypatch)
+    _close(tr.pairwise_scores(query, train, batch_size=4), ref)
+    assert c.replayed > 0 and c.disabled == []
+
+
+class StatefulLM(BlockLM):
+    """Blocks read a scale the parent sets per batch outside their arguments."""
+
+    def forward(self, tok, mask):
+        for b in self.blocks:
+            b.extra = float(tok[0, 0])
+        x = self.emb(tok)
+        for b in self.blocks:
+            x = b(x, mask, scale=1.0) * (1 + 0.01 * b.extra)
+        return self.head(x)
+
+
+class StateBlock(Block):
+    def forward(self, x, key_mask, scale=1.0):
+        return super().forward(x, key_mask, scale=1.0 + 0.1 * self.extra)
+
+
+class _Thing:
+    pass
+
+
+class DynamicCache:
+    """A key/value cache as transformers': replayed as None; a non-empty one read by the block
+    changes its outputs, so the replay check refuses it."""
+
+    def __init__(self, bias=0.0):
+        self.bias = bias
+
+
+@pytest.mark.parametrize("case", ["state", "object", "cache", "outside", "twice"])
+def test_unreplayable_falls_back_with_warning(f64, monkeypatch, caplog, case):
+    torch.manual_seed(0)
+    if case == "state":
+        model = StatefulLM()
+        for i, b in enumerate(model.blocks):
+            sb = StateBlock(16, 32)
+            sb.load_state_dict(b.state_dict())
+            model.blocks[i] = sb
+    elif case == "object":
+        model = BlockLM(kwarg=_Thing())
+        for blk in model.blocks:   # accept the object, ignore it
+            blk.forward = (lambda b: lambda x, key_mask, scale=None: Block.forward(b, x, key_mask))(blk)
+    elif case == "cache":       # a non-empty cache read by the blocks
+        model = BlockLM(kwarg=DynamicCache(0.5))
+        for blk in model.blocks:
+            blk.forward = (lambda b: lambda x, key_mask, scale=None: Block.forward(b, x, key_mask)
+                           + (0 if scale is None else scale.bias))(blk)
+    elif case == "outside":
+        model = BlockLM()
+        shared = model.blocks[0].fc2
+
+        class Outside(BlockLM):
+            def forward(self, tok, mask):
+                return super().forward(tok, mask) + 0 * shared(torch.tanh(
+                    self.blocks[0].fc1(self.emb(tok)))).sum(-1, keepdim=True)
+        m2 = Outside()
+        m2.load_state_dict(model.state_dict())
+        model = m2
+    else:
+        model = BlockLM(n_blocks=2)
+        model.blocks.append(model.blocks[0])      # the same block called twice
+    ek, train, query = _setup(model)
+    ref = _reference(ek, query, train, monkeypatch)
+    _groups_budget(ek, query, len(train[0]), monkeypatch)
+    c = _Count(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="fastinf"):
+        got = ek.pairwise_scores(query, train, batch_size=4)
+    _close(got, ref)
+    why = {"state": "did not reproduce", "object": "_Thing", "outside": "outside its block",
+           "twice": "called 2 times", "cache": "did not reproduce"}[case]
+    assert c.disabled and why in c.disabled[0], c.disabled
+    assert any("block replay is off" in r.getMessage() and why in r.getMessage()
+               for r in caplog.records)
+
+
+def test_budget_zero_turns_replay_off(monkeypatch):
+    model = BlockLM()
+    monkeypatch.setenv("FASTINF_REPLAY_MEMORY_MB", "0")
+    rp = R.BlockReplay(model, fastinf.EKFAC(model, lm_loss, progress=False).modules)
+    assert not rp.active and rp.recorder(0) is None
+
+
+def test_empty_cache_replayed_as_none(f64, monkeypatch):
+    """A cache object the blocks receive but do not read (an empty transformers cache) is left
+    out of the records, and the replay reproduces the blocks."""
+    model = BlockLM(kwarg=DynamicCache())
+    for blk in model.blocks:
+        blk.forward = (lambda b: lambda x, key_mask, scale=None: Block.forward(b, x, key_mask))(blk)
+    ek, train, query = _setup(model)
+    ref = _reference(ek, query, train, monkeypatch)
+    _groups_budget(ek, query, len(train[0]), monkeypatch)
+    c = _Count(monkeypatch)
+    _close(ek.pairwise_scores(query, train, batch_size=4), ref)
+    assert c.replayed > 0 and c.disabled == []
