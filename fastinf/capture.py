@@ -365,8 +365,13 @@ def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, wha
         A = torch.cat(As, dim=1) if len(As) > 1 else As[0]
         G = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
         if mask is not None:
-            A = torch.where(mask[..., None], A, 0)
-            G = torch.where(mask[..., None], G, 0)
+            # in place where the tensor is this capture's own (G always: fresh gradients; A when
+            # built here: a bias column, unfolded patches, several calls), else a masked copy
+            # (A a view of the module's input, which other modules and autograd still read)
+            off = ~mask[..., None]
+            own = len(As) > 1 or has_bias(modules[name]) or isinstance(modules[name], nn.Conv2d)
+            A = A.masked_fill_(off, 0) if own else A.masked_fill(off, 0)
+            G = G.masked_fill_(off, 0)
         result[name] = LayerBatch(A, G, mask)
     for name in modules:
         if name not in result:

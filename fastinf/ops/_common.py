@@ -135,6 +135,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
+# Bytes of a tile of per-example products that the CPU reduces (squares, sums) right after the
+# GEMM that wrote it, while it is in cache: 4-example tiles of a 1024 x 257 layer (4 MiB) took
+# 0.05 s against 0.11 s for 128-example tiles (256 x 48 tokens, 2 threads). GPUs keep
+# workspace-sized tiles (one launch per tile).
+CPU_CACHE_TILE = 4 * 2**20
+
+
 def chunk(total: int, per_item_bytes: float, budget: Optional[int] = None, minimum: int = 1) -> int:
     """How many items of ``per_item_bytes`` fit into the workspace budget (at least ``minimum``)."""
     budget = workspace_bytes() if budget is None else budget

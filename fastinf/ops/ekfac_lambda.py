@@ -72,7 +72,8 @@ def _sum_sq_tiles(At, Gt, out):
     """``out += Σ_n (Gt_nᵀ At_n)^∘2`` over tiles of examples (float32 accumulation)."""
     N, T, din = At.shape
     dout = Gt.shape[2]
-    nc = c.chunk(N, 2 * dout * din * 4)
+    per = dout * din * 4
+    nc = c.chunk(N, per, c.CPU_CACHE_TILE) if At.device.type == "cpu" else c.chunk(N, 2 * per)
     for n0 in range(0, N, nc):
         R = torch.bmm(Gt[n0:n0 + nc].transpose(1, 2), At[n0:n0 + nc])
         out += R.square_().sum(0).float()     # in place: no second [nc, dout, din] tile
