@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -41,8 +41,8 @@ from ._pass import factor_pass, model_device, progress_bar
 from .capture import layer_shape
 from .data import _check_batch_size, num_examples
 from .replay import BlockReplay
-from .layers import (Projected, Query, RecordStack, cat_parts, choose_layouts, decode, encode,
-                     score)
+from .layers import (LayerBatch, Projected, Query, RecordStack, cat_parts, choose_layouts,
+                     decode, encode, score)
 from .store import Store, StoreWriter, build_lock, hash_state
 
 __all__ = ["GradientStore", "pairwise", "top_influences", "self_scores", "query_state",
@@ -367,12 +367,55 @@ def _data_block(method, state, data, batch_size, replays=None, base=0, **how
     for i, ((m, w, at), st) in enumerate(zip(method.terms(), state)):
         names = _layer_names(m, st)
         rp = None if names is None or not replays else replays.get(i)
+        tiles = any(isinstance(q.rec, LayerBatch) for q in st.values())
         with at():
-            for off, layers in _pass(m, data, batch_size, "train", names=names, replay=rp,
-                                     base=base):
-                s = _sum_scores(m, m.train_layers(layers), st, **how)
+            batches = _pass(m, data, batch_size, "train", names=names, replay=rp, base=base)
+            for off, recs in _train_tiles(m, batches) if tiles else \
+                    ((o, m.train_layers(lay)) for o, lay in batches):
+                s = _sum_scores(m, recs, st, **how)
                 _add_block(out, {k: v.transpose(0, 1) for k, v in s.items()}, off, n, w)
     return out
+
+
+def train_tile() -> Tuple[int, int]:
+    """``(examples, bytes)``: against factor queries (rank-r, TracIn's tokens), consecutive
+    train batches are scored together up to this many examples or bytes of train records (env
+    ``FASTINF_TRAIN_TILE``, default 128 examples; 128 MiB): the queries' dense form, where
+    scoring through it is cheaper, is rebuilt once per tile (``2·Q·r·dout·din`` FLOPs), as many
+    FLOPs as the scores of ``r`` train examples. Dense queries gain nothing from tiles and are
+    scored per batch."""
+    return int(os.environ.get("FASTINF_TRAIN_TILE", "128")), 128 * 2**20
+
+
+def _train_tiles(method, batches):
+    """``(offset, {part: record})``: the method's train records of consecutive capture batches
+    concatenated into tiles of :func:`train_tile`."""
+    most, cap = train_tile()
+    buf: List[Dict[str, object]] = []
+    start, count, size = 0, 0, 0
+
+    def joined():
+        if len(buf) == 1:
+            return buf[0]
+        stacks = {p: RecordStack(count) for p in buf[0]}
+        for recs in buf:
+            for p, r in recs.items():
+                stacks[p].add(r)
+        return {p: st.result() for p, st in stacks.items()}
+
+    for off, layers in batches:
+        recs = method.train_layers(layers)
+        b = len(next(iter(recs.values())))
+        if buf and (count + b > most or size >= cap):
+            yield start, joined()
+            buf, count, size = [], 0, 0
+        if not buf:
+            start = off
+        buf.append(recs)
+        count += b
+        size += sum(_record_bytes(r) for r in recs.values())
+    if buf:
+        yield start, joined()
 
 
 def _shard_block(method, state, store: Store, i: int, **how) -> Dict[str, torch.Tensor]:

@@ -322,3 +322,55 @@ def test_layer_groups_equal_one_batch(setup, monkeypatch):
     with pytest.raises(ValueError, match="same tokens"):
         ek.pairwise_scores(query, train, batch_size=4, per_token=True)
     assert len(seen) > 3 and all(g == tuple(sizes) for _, _, g in seen)
+
+
+def _trimmed_loader(data, batch_size):
+    """A DataLoader whose batches are cut to their longest example: T differs per batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def collate(items):
+        tok, mask, y = (torch.stack(x) for x in zip(*items))
+        L = int(mask.sum(1).max())
+        return tok[:, :L], mask[:, :L], y
+    return DataLoader(TensorDataset(*data), batch_size=batch_size, collate_fn=collate)
+
+
+@pytest.mark.parametrize("kind", ["ekfac_rank", "tracin"])
+@pytest.mark.parametrize("how", ["sum", "per_module", "per_token"])
+def test_train_tiles_equal_per_batch_scores(setup, monkeypatch, kind, how):
+    """Against factor queries (rank-r, TracIn's tokens) consecutive train batches are scored as
+    one tile (their tokens padded to the longest): the same scores as batch by batch, also with
+    a different T per batch, per module and per token."""
+    ms, _, train, query = setup
+    m = ms["ekfac" if kind == "ekfac_rank" else "tracin"]
+    if how == "per_token":      # the layers of the token sequence (the head sees a pooled vector)
+        seq = ["qkv", "proj", "ff"]
+        m = fastinf.EKFAC(m.model, tf_loss, modules=seq, token_mask_fn=_mask, progress=False).fit(
+            train, batch_size=8) if kind == "ekfac_rank" else fastinf.TracIn(
+            m.model, tf_loss, modules=seq, token_mask_fn=_mask, progress=False,
+            checkpoints=[(m.model.state_dict(), 0.5)])
+    kw = {"query_rank": 2} if kind == "ekfac_rank" else {}
+    if how != "sum":
+        kw[how] = True
+    loader = _trimmed_loader(train, 4)
+    assert len({b[0].shape[1] for b in loader}) > 1
+    calls = []
+    real = scoring._sum_scores
+
+    def spy(method, records, state, **k):
+        calls.append(len(next(iter(records.values()))))
+        return real(method, records, state, **k)
+    monkeypatch.setattr(scoring, "_sum_scores", spy)
+    monkeypatch.setenv("FASTINF_TRAIN_TILE", "1")
+    one = m.pairwise_scores(query, loader, batch_size=4, **kw)
+    assert set(calls) <= {4} and len(calls) == 5 * len(m.terms())
+    calls.clear()
+    monkeypatch.setenv("FASTINF_TRAIN_TILE", "12")
+    tiled = m.pairwise_scores(query, loader, batch_size=4, **kw)
+    assert calls == [12, 8] * len(m.terms())
+    if how == "per_module":
+        assert list(tiled) == list(one)
+        for k in one:
+            _close(tiled[k], one[k])
+    else:
+        _close(tiled, one)
