@@ -398,24 +398,29 @@ class EKFAC:
         dout, din = self.factors[name]["lam"].shape
         return T * (din * din + dout * dout) <= dout * din * (din + dout)
 
-    def rotated(self, name: str, rec) -> torch.Tensor:
+    def rotated(self, name: str, rec, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[B, dout, din] Q_Sᵀ D_n Q_A`` of a ``LayerBatch`` or ``DenseLayer``, by the cheaper
-        of the two orders (:meth:`rotates_tokens`); a fresh tensor (callers scale it in place)."""
+        of the two orders (:meth:`rotates_tokens`); a fresh tensor, or ``out`` written (callers
+        scale it in place)."""
         dt = self.dtype
         L = self.factors[name]
         if isinstance(rec, LayerBatch) and self.rotates_tokens(name, rec.A.shape[1]):
             At = c.mask_rows(rec.A.detach().to(dt), rec.mask) @ L["QA"]
             Gt = c.mask_rows(rec.G.detach().to(dt), rec.mask) @ L["QS"]
-            return torch.bmm(Gt.transpose(1, 2), At)
+            return torch.bmm(Gt.transpose(1, 2), At, out=out)
         D = rec.D.to(dt) if isinstance(rec, DenseLayer) else rec.to(dt).dense()
-        return L["QS"].T @ D @ L["QA"]
+        R = L["QS"].T @ D @ L["QA"]
+        return R if out is None else out.copy_(R)
 
     # ------------------------------------------------------------------ scoring protocol
     # (fastinf.scoring runs every loop; see docs/architecture.md)
     def terms(self):
         return [(self, 1.0, contextlib.nullcontext)]
 
-    def query_layers(self, layers: Dict[str, LayerBatch], query_rank: Optional[int] = None):
+    writes_into = True      # query_layers takes sink= (fastinf.scoring writes into its buffers)
+
+    def query_layers(self, layers: Dict[str, LayerBatch], query_rank: Optional[int] = None,
+                     sink=None):
         """The preconditioned query gradients ``H⁻¹D_q`` per layer, kept in the eigenbasis:
         ``Eigen(X_q [Q, dout, din], Q_A, Q_S)`` with ``X_q = (Q_Sᵀ D_q Q_A) ⊘ (Λ + λ)`` (from
         rotated tokens where cheaper, :meth:`rotated`); scores are taken against rotated train
@@ -429,11 +434,16 @@ class EKFAC:
         G=(Q_S L)ᵀ [Q, r, dout])``, ``Q·r·(din + dout)`` numbers per layer.
 
         H⁻¹D_q is not of rank ≤ T_q in general (the ⊘ (Λ+λ) is elementwise), so exact scores
-        keep the dense ``X_q``."""
+        keep the dense ``X_q``. ``sink(name, B, (dout, din), dtype, device)``: where to write a
+        layer's ``X_q`` (the query state's buffer, so it is not copied there), or None."""
         out = {}
         for name, lb in layers.items():
             L = self.factors[name]
-            X = self.rotated(name, lb).mul_(self._inv_denominator(name))    # a fresh tensor
+            dst = None
+            if sink is not None and query_rank is None:
+                dst = sink(name, len(lb), (L["QS"].shape[0], L["QA"].shape[0]), self.dtype,
+                           L["QA"].device)
+            X = self.rotated(name, lb, dst).mul_(self._inv_denominator(name))
             if query_rank is None:
                 out[name] = Eigen(X.contiguous(), L["QA"], L["QS"])
                 continue

@@ -125,6 +125,21 @@ class RecordStack:
         self.n, self.off = n, 0
         self.rec: Optional[Record] = None
         self.factors: List[LayerBatch] = []
+        self._buf: Optional[torch.Tensor] = None
+
+    def reserve(self, b: int, shape, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+        """The rows ``[off, off + b)`` of the buffer, ``[b, *shape]``, for a producer to write
+        its next record's tensor into (then :meth:`add` copies nothing); None where the buffer
+        has another shape or dtype."""
+        if self.off + b > self.n or self.factors:
+            return None
+        if self._buf is None:
+            if self.rec is not None:
+                return None
+            self._buf = torch.empty((self.n,) + tuple(shape), dtype=dtype, device=device)
+        if tuple(self._buf.shape[1:]) != tuple(shape) or self._buf.dtype != dtype:
+            return None
+        return self._buf[self.off:self.off + b]
 
     def add(self, r: Record) -> None:
         b = len(r)
@@ -132,17 +147,21 @@ class RecordStack:
             raise ValueError(f"RecordStack: {self.off + b} examples added, {self.n} expected")
         if isinstance(r, LayerBatch):
             self.factors.append(r)
-        elif self.rec is None and b == self.n:
+        elif self.rec is None and b == self.n and self._buf is None:
             self.rec = r
         else:
             f = "D" if isinstance(r, DenseLayer) else "X"
+            t = getattr(r, f)
             if self.rec is None:
-                t = getattr(r, f)
-                buf = t.new_empty((self.n,) + tuple(t.shape[1:]))
+                if self._buf is None:
+                    self._buf = t.new_empty((self.n,) + tuple(t.shape[1:]))
+                buf = self._buf
                 self.rec = DenseLayer(buf) if f == "D" else Projected(buf) \
                     if isinstance(r, Projected) else Eigen(buf, r.QA, r.QS)
-            with torch.no_grad():
-                getattr(self.rec, f)[self.off:self.off + b] = getattr(r, f)
+            dst = getattr(self.rec, f)[self.off:self.off + b]
+            if t.data_ptr() != dst.data_ptr() or t.shape != dst.shape:    # else written there
+                with torch.no_grad():
+                    dst.copy_(t)
         self.off += b
 
     def result(self) -> Record:

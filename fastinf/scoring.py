@@ -143,16 +143,28 @@ def check_store(store: Store, method) -> None:
 
 # --------------------------------------------------------------------------- query side
 def _query_records(method, query, batch_size: int, measurement_fn=None, names=None,
-                   replays=None, base=0, **options):
+                   replays=None, base=0, stacks=None, n=0, **options):
     """Yields ``(term index, {part: record})`` per capture batch of ``query``, term by term
     (the model in that term's state while the term's batches are consumed); ``names``: of
     these layers only; ``replays``: a :class:`fastinf.replay.BlockReplay` per term, ``query``
-    being examples ``base..`` of the data they record."""
+    being examples ``base..`` of the data they record; ``stacks``: per term the
+    :class:`RecordStack` of each part (``n`` queries) that :func:`_assemble` fills, which a
+    method with ``writes_into = True`` writes its records into (``query_layers(..., sink=)``)."""
     for i, (m, _, at) in enumerate(method.terms()):
+        sink = {} if stacks is None or not getattr(m, "writes_into", False) else \
+            {"sink": _sink(stacks[i], n)}
         with at():
             for _, layers in _pass(m, query, batch_size, "query", measurement_fn, names,
                                    replays[i] if replays else None, base):
-                yield i, m.query_layers(layers, **options)
+                yield i, m.query_layers(layers, **sink, **options)
+
+
+def _sink(stacks: Dict[str, RecordStack], n: int):
+    """``sink(part, b, shape, dtype, device)``: where a method writes the next ``b`` rows of a
+    part's query state (the part's :class:`RecordStack` buffer; None: a fresh tensor)."""
+    def sink(part, b, shape, dtype, device):
+        return stacks.setdefault(part, RecordStack(n)).reserve(b, shape, dtype, device)
+    return sink
 
 
 def _check_measurement_fn(measurement_fn):
@@ -160,11 +172,12 @@ def _check_measurement_fn(measurement_fn):
         raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
 
 
-def _assemble(method, items, n: int) -> List[Dict[str, Query]]:
+def _assemble(method, items, n: int, stacks=None) -> List[Dict[str, Query]]:
     """Per term ``{part: Query}`` of ``n`` queries from ``(term, records)`` items: each part's
-    capture batches are written into one buffer (:class:`fastinf.layers.RecordStack`), so no
-    query state is ever concatenated or copied whole."""
-    stacks: List[Dict[str, RecordStack]] = [{} for _ in method.terms()]
+    capture batches are written into one buffer (:class:`fastinf.layers.RecordStack`; the
+    ``stacks`` given to :func:`_query_records`, where it wrote into them), so no query state is
+    ever concatenated or copied whole."""
+    stacks = stacks if stacks is not None else [{} for _ in method.terms()]
     for i, recs in items:
         for p, r in recs.items():
             stacks[i].setdefault(p, RecordStack(n)).add(r)
@@ -177,8 +190,10 @@ def query_state(method, query, batch_size: int, measurement_fn=None, **options
     """Per term of the method: ``{part: Query}`` over all of ``query``."""
     _check_batch_size(batch_size)
     _check_measurement_fn(measurement_fn)
-    return _assemble(method, _query_records(method, query, batch_size, measurement_fn, **options),
-                     num_examples(query, "query"))
+    n = num_examples(query, "query")
+    stacks = [{} for _ in method.terms()]
+    return _assemble(method, _query_records(method, query, batch_size, measurement_fn,
+                                            stacks=stacks, n=n, **options), n, stacks)
 
 
 def _n_query(state) -> int:
@@ -341,12 +356,13 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
         while q0 < Q:
             stop = min(Q, q0 + qbs)
             q1 = q0 + sum(len(next(iter(recs.values()))) for i, recs in head if i == 0)
+            stacks: List[Dict[str, RecordStack]] = [{} for _ in method.terms()]
             items = itertools.chain(_drain(head), _query_records(
                 method, _slice(query, q1, stop, Q), batch_size, measurement_fn, group,
-                replays, q1, **options) if q1 < stop else ())
-            state = _assemble(method, items, stop - q0)
+                replays, q1, stacks, stop - q0, **options) if q1 < stop else ())
+            state = _assemble(method, items, stop - q0, stacks)
             yield q0, state
-            del state, items
+            del state, items, stacks
             q0 = stop
 
 
