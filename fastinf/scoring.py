@@ -41,8 +41,8 @@ from ._pass import factor_pass, model_device, progress_bar
 from .capture import layer_shape
 from .data import _check_batch_size, num_examples
 from .replay import BlockReplay
-from .layers import (LayerBatch, Projected, Query, RecordStack, cat_parts, choose_layouts,
-                     decode, encode, score)
+from .layers import (Arena, LayerBatch, Projected, Query, RecordStack, cat_parts,
+                     choose_layouts, decode, encode, score)
 from .store import Store, StoreWriter, build_lock, hash_state
 
 __all__ = ["GradientStore", "pairwise", "top_influences", "self_scores", "query_state",
@@ -143,27 +143,28 @@ def check_store(store: Store, method) -> None:
 
 # --------------------------------------------------------------------------- query side
 def _query_records(method, query, batch_size: int, measurement_fn=None, names=None,
-                   replays=None, base=0, stacks=None, n=0, **options):
+                   replays=None, base=0, stacks=None, n=0, arena=None, **options):
     """Yields ``(term index, {part: record})`` per capture batch of ``query``, term by term
     (the model in that term's state while the term's batches are consumed); ``names``: of
     these layers only; ``replays``: a :class:`fastinf.replay.BlockReplay` per term, ``query``
     being examples ``base..`` of the data they record; ``stacks``: per term the
     :class:`RecordStack` of each part (``n`` queries) that :func:`_assemble` fills, which a
-    method with ``writes_into = True`` writes its records into (``query_layers(..., sink=)``)."""
+    method with ``writes_into = True`` writes its records into (``query_layers(..., sink=)``),
+    their buffers taken from ``arena`` (a :class:`fastinf.layers.Arena`) if given."""
     for i, (m, _, at) in enumerate(method.terms()):
         sink = {} if stacks is None or not getattr(m, "writes_into", False) else \
-            {"sink": _sink(stacks[i], n)}
+            {"sink": _sink(stacks[i], n, arena)}
         with at():
             for _, layers in _pass(m, query, batch_size, "query", measurement_fn, names,
                                    replays[i] if replays else None, base):
                 yield i, m.query_layers(layers, **sink, **options)
 
 
-def _sink(stacks: Dict[str, RecordStack], n: int):
+def _sink(stacks: Dict[str, RecordStack], n: int, arena=None):
     """``sink(part, b, shape, dtype, device)``: where a method writes the next ``b`` rows of a
     part's query state (the part's :class:`RecordStack` buffer; None: a fresh tensor)."""
     def sink(part, b, shape, dtype, device):
-        return stacks.setdefault(part, RecordStack(n)).reserve(b, shape, dtype, device)
+        return stacks.setdefault(part, RecordStack(n, arena)).reserve(b, shape, dtype, device)
     return sink
 
 
@@ -172,7 +173,7 @@ def _check_measurement_fn(measurement_fn):
         raise TypeError("measurement_fn must be callable as measurement_fn(model, batch)")
 
 
-def _assemble(method, items, n: int, stacks=None) -> List[Dict[str, Query]]:
+def _assemble(method, items, n: int, stacks=None, arena=None) -> List[Dict[str, Query]]:
     """Per term ``{part: Query}`` of ``n`` queries from ``(term, records)`` items: each part's
     capture batches are written into one buffer (:class:`fastinf.layers.RecordStack`; the
     ``stacks`` given to :func:`_query_records`, where it wrote into them), so no query state is
@@ -180,7 +181,7 @@ def _assemble(method, items, n: int, stacks=None) -> List[Dict[str, Query]]:
     stacks = stacks if stacks is not None else [{} for _ in method.terms()]
     for i, recs in items:
         for p, r in recs.items():
-            stacks[i].setdefault(p, RecordStack(n)).add(r)
+            stacks[i].setdefault(p, RecordStack(n, arena)).add(r)
         del recs
     return [{p: Query(s.result()) for p, s in st.items()} for st in stacks]
 
@@ -349,6 +350,7 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
             replays = None
             if batch_size < qbs < Q:
                 qbs = qbs // batch_size * batch_size       # whole capture batches
+    arena = Arena()      # the buffers of one query batch (or group), reused by the next
     for group in groups:
         if group is not None:     # the head's records of the other groups are dropped
             head = [(i, {p: r for p, r in recs.items() if p in group}) for i, recs in head]
@@ -356,11 +358,12 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
         while q0 < Q:
             stop = min(Q, q0 + qbs)
             q1 = q0 + sum(len(next(iter(recs.values()))) for i, recs in head if i == 0)
+            arena.reset()
             stacks: List[Dict[str, RecordStack]] = [{} for _ in method.terms()]
             items = itertools.chain(_drain(head), _query_records(
                 method, _slice(query, q1, stop, Q), batch_size, measurement_fn, group,
-                replays, q1, stacks, stop - q0, **options) if q1 < stop else ())
-            state = _assemble(method, items, stop - q0, stacks)
+                replays, q1, stacks, stop - q0, arena, **options) if q1 < stop else ())
+            state = _assemble(method, items, stop - q0, stacks, arena)
             yield q0, state
             del state, items, stacks
             q0 = stop

@@ -374,3 +374,29 @@ def test_train_tiles_equal_per_batch_scores(setup, monkeypatch, kind, how):
             _close(tiled[k], one[k])
     else:
         _close(tiled, one)
+
+
+def test_arena_reuses_memory_only_when_released():
+    """The query buffers of consecutive query batches share one block of memory, never while a
+    previous batch's tensors are still referenced (a held state is not overwritten)."""
+    ar = layers.Arena()
+    a = ar.take((3, 4), torch.float32, "cpu")
+    b = ar.take((5,), torch.float64, "cpu")
+    a.fill_(1.0)
+    ar.reset()                                   # a and b alive: a fresh block
+    c = ar.take((3, 4), torch.float32, "cpu")
+    c.fill_(2.0)
+    assert float(a.sum()) == 12.0 and ar.need >= 3 * 4 * 4 + 5 * 8
+    del a, b, c
+    ar.reset()                                   # released: one block of the most a batch took
+    d = ar.take((3, 4), torch.float32, "cpu")
+    e = ar.take((5,), torch.float64, "cpu")
+    assert ar.mem is not None
+    assert d.untyped_storage().data_ptr() == e.untyped_storage().data_ptr() == \
+        ar.mem.untyped_storage().data_ptr()
+    assert e.data_ptr() % layers.Arena.ALIGN == 0 and e.shape == (5,) and e.dtype == torch.float64
+    big = ar.take((1000,), torch.float32, "cpu")   # beyond the block: its own allocation
+    assert big.untyped_storage().data_ptr() != ar.mem.untyped_storage().data_ptr()
+    del d, e, big
+    ar.reset()
+    assert ar.mem is None and ar.need >= 4000    # grown at the next take
