@@ -29,6 +29,7 @@ Results come back as float32 on the CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 from typing import Dict, List, Sequence, Tuple
@@ -41,6 +42,7 @@ from ._pass import factor_pass, model_device, progress_bar
 from .capture import layer_shape
 from .data import _check_batch_size, num_examples
 from .replay import BlockReplay
+from .ops._common import release_scratch
 from .layers import (Arena, LayerBatch, Projected, Query, RecordStack, cat_parts,
                      choose_layouts, decode, encode, score)
 from .store import Store, StoreWriter, build_lock, hash_state
@@ -486,6 +488,18 @@ def _train_blocks(method, state, train, batch_size, chunk, replays=None, **how):
 
 
 # --------------------------------------------------------------------------- outputs
+def _releasing_scratch(fn):
+    """Frees the ops' scratch buffers (:func:`fastinf.ops._common.scratch`) when ``fn`` ends."""
+    @functools.wraps(fn)
+    def run(*a, **k):
+        try:
+            return fn(*a, **k)
+        finally:
+            release_scratch()
+    return run
+
+
+@_releasing_scratch
 def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
              query_batch_size=None, per_module: bool = False, per_token: bool = False,
              **options):
@@ -501,6 +515,7 @@ def pairwise(method, query, train, batch_size: int = 64, *, measurement_fn=None,
     for name, v in (("per_module", per_module), ("per_token", per_token)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be True or False, got {v!r}")
+
     if isinstance(train, Store):
         _check_store_for(train, per_module, per_token)
     n = num_examples(train)
@@ -558,6 +573,7 @@ def _normalize_indices(train_indices, Q, n):
                     "(one per query)")
 
 
+@_releasing_scratch
 def top_influences(method, query, train, k: int = 10, largest: bool = True, train_indices=None,
                    batch_size: int = 64, *, chunk: int = 4096, measurement_fn=None,
                    query_batch_size=None, **options):

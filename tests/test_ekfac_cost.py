@@ -110,3 +110,47 @@ def test_ski_rental_rule():
     uses = [q._eigen_rotates_train(train) for _ in range(6)]
     k = int(back // per_batch)
     assert uses == [True] * k + [False] * (6 - k)
+
+
+def _wide_case():
+    """Layers wide enough (40..48 > r + 32 for r <= 8) that query_rank takes the randomized
+    path; float64."""
+    g = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 48), torch.nn.Tanh(),
+                                torch.nn.Linear(48, 40)).double()
+    x = torch.randn(24, 6, 40, generator=g, dtype=torch.float64)
+    y = torch.randn(24, 6, 40, generator=g, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        return ((m(batch[0]) - batch[1]) ** 2).sum((1, 2))
+    ek = fastinf.EKFAC(model, loss_fn, progress=False).fit((x, y), batch_size=8)
+    return ek, (x, y)
+
+
+def test_query_svd_randomized_and_exact():
+    """query_svd="exact" is the truncated SVD (float64 reference); the default "randomized" is
+    within a near-best rank-r approximation of it, and gives each query the same factors in any
+    query batch."""
+    ek, train = _wide_case()
+    q = tuple(t[:7] for t in train)
+    assert min(min(m.in_features, m.out_features) for m in ek.modules.values()) > 4 + 32
+    from fastinf._pass import factor_pass
+    (_, layers), = factor_pass(ek.model, ek.loss_fn, q, ek.modules, 7, desc="", progress=False,
+                               what="loss_fn", name="query")
+    D = {n: lb.dense() for n, lb in layers.items()}
+    (_, tl), = factor_pass(ek.model, ek.loss_fn, train, ek.modules, 24, desc="", progress=False,
+                           what="loss_fn", name="train")
+    Dn = {n: lb.dense() for n, lb in tl.items()}
+    ref = 0
+    for n in ek.modules:
+        M = ek.precondition(n, D[n])
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        ref = ref + torch.einsum("qoi,noi->qn", (U[..., :4] * S[:, None, :4]) @ Vh[:, :4], Dn[n])
+    exact = ek.pairwise_scores(q, train, batch_size=8, query_rank=4, query_svd="exact")
+    assert rel(exact, ref) < 1e-6
+    rnd = ek.pairwise_scores(q, train, batch_size=8, query_rank=4)
+    assert 0 < rel(rnd, ref) < 1e-2
+    one = ek.pairwise_scores(q, train, batch_size=8, query_rank=4, query_batch_size=1)
+    assert rel(one, rnd) < 1e-6
+    with pytest.raises(ValueError, match="query_svd must be 'randomized' or 'exact'"):
+        ek.pairwise_scores(q, train, query_rank=4, query_svd="fast")

@@ -132,3 +132,77 @@ def test_cuda_matches_cpu_with_either_eigh_device(shape):
         L, R = truncated_svd(X.cuda(), 5, eigh_device=where)
         assert L.is_cuda and R.is_cuda
         close((L @ R.mT).cpu(), ref, 1e-5)
+
+
+# ----------------------------------------------------------------------------- randomized_svd
+from fastinf.ops._common import randomized_svd  # noqa: E402
+
+
+def excess(X, L, R, r):
+    """``‖X - L Rᵀ‖ / ‖X - X_r‖ - 1`` per matrix (0: as good as the truncated SVD)."""
+    Xd = X.double()
+    S = torch.linalg.svdvals(Xd)
+    opt = (S[:, r:] ** 2).sum(1).sqrt()
+    return torch.linalg.matrix_norm(Xd - L.double() @ R.double().mT) / opt - 1
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_randomized_is_exact_when_the_range_is_found(wide):
+    """rank(X) <= r + oversample: the range finder spans all of X, the Rayleigh-Ritz step is
+    the exact truncation."""
+    s = [10.0 / (i + 1) for i in range(20)]                      # rank 20 <= 4 + 32
+    X = with_spectrum(3, 128, 150, s, seed=1)
+    X = X if wide else X.mT.contiguous()
+    L, R = randomized_svd(X, 4)
+    assert L.shape == (3, X.shape[1], 4) and R.shape == (3, X.shape[2], 4)
+    close(L @ R.mT, svd_truncation(X, 4), 1e-10)
+
+
+def test_randomized_near_best_on_decaying_and_flat_spectra():
+    s = [0.9 ** i for i in range(128)]
+    X = with_spectrum(2, 128, 160, s, seed=2)
+    L, R = randomized_svd(X, 8)
+    assert float(excess(X, L, R, 8).max()) < 1e-9                # σ₄₁/σ₈ = 0.03: converged
+    G = torch.randn(2, 128, 160, dtype=torch.float64)            # flat: the hard case
+    L, R = randomized_svd(G, 8)
+    e = excess(G, L, R, 8)
+    assert float(e.min()) >= -1e-12 and float(e.max()) < 0.02   # never better than optimal
+
+
+def test_randomized_rank_deficient_zero_and_scaled():
+    X = with_spectrum(2, 100, 120, [3.0, 2.0, 1.0], seed=3)      # rank 3 < r
+    L, R = randomized_svd(X, 8)
+    close(L @ R.mT, X, 1e-10)
+    assert torch.isfinite(L).all() and torch.isfinite(R).all()
+    Z = torch.zeros(2, 100, 120, dtype=torch.float64)
+    L, R = randomized_svd(Z, 8)
+    assert torch.isfinite(L).all() and float((L @ R.mT).abs().max()) == 0.0
+    X = with_spectrum(1, 100, 120, [0.8 ** i for i in range(100)], seed=4)
+    ref = randomized_svd(X, 5)
+    for scale in (1e-30, 1e30):
+        L, R = randomized_svd(X * scale, 5)
+        close(L @ R.mT / scale, ref[0] @ ref[1].mT, 1e-10)
+
+
+def test_randomized_factors_do_not_depend_on_the_batch():
+    """Ω is drawn from a fixed seed: a matrix gets the same factors alone or in any batch (the
+    query batching of query_rank relies on it)."""
+    X = torch.randn(5, 96, 130, dtype=torch.float64)
+    L, R = randomized_svd(X, 6)
+    for i in (0, 3):
+        Li, Ri = randomized_svd(X[i:i + 1], 6)
+        close(Li @ Ri.mT, (L @ R.mT)[i:i + 1], 1e-12)
+        L2, R2 = randomized_svd(X[[i, 4 - i]], 6)
+        close(L2[:1] @ R2[:1].mT, (L @ R.mT)[i:i + 1], 1e-12)
+
+
+def test_randomized_float32_small_and_bad_rank():
+    X = torch.randn(2, 96, 140)
+    L, R = randomized_svd(X, 4)
+    assert L.dtype == R.dtype == torch.float32
+    assert float(excess(X, L, R, 4).max()) < 0.02
+    Xs = torch.randn(2, 20, 30, dtype=torch.float64)             # r + oversample >= 20: exact
+    L, R = randomized_svd(Xs, 3)
+    close(L @ R.mT, svd_truncation(Xs, 3), 1e-12)
+    with pytest.raises(ValueError, match="'r' must be a positive int"):
+        randomized_svd(X, 0)

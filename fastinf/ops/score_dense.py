@@ -74,7 +74,9 @@ def materialize_torch(A, G, M, a_mask=None):
     for n0 in range(0, N, nc):
         An = A[n0:n0 + nc].to(dt)
         for e0 in range(0, dout, ec):
-            Dk = torch.bmm(G[n0:n0 + nc, :, e0:e0 + ec].to(dt).transpose(1, 2), An)
+            Gk = G[n0:n0 + nc, :, e0:e0 + ec].to(dt).transpose(1, 2)
+            Dk = torch.bmm(Gk, An, out=c.scratch("score_dense.D", (Gk.shape[0], Gk.shape[1], din),
+                                                 dt, A.device))
             out[n0:n0 + nc] += Dk.flatten(1) @ M[:, e0:e0 + ec].flatten(1).T
     return out
 

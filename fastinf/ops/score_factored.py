@@ -81,13 +81,16 @@ def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
     nc, qc = c.chunk(N, row, half), c.chunk(Q, row, half)
     ec = max(1, half // (max(nc, qc) * row))                   # rows per chunk, evened out
     ec = -(-dout // -(-dout // ec))
-    grads = lambda X, Y, i, e: torch.bmm(Y[i, :, e].to(dt).transpose(1, 2), X[i].to(dt))
+    def grads(X, Y, i, e, key):
+        Yi, Xi = Y[i, :, e].to(dt).transpose(1, 2), X[i].to(dt)
+        buf = c.scratch(key, (Yi.shape[0], Yi.shape[1], din), dt, A.device)
+        return torch.bmm(Yi, Xi, out=buf)
     for n0 in range(0, N, nc):
         for q0 in range(0, Q, qc):
             for e0 in range(0, dout, ec):
                 e = slice(e0, e0 + ec)
-                Dk = grads(A, G, slice(n0, n0 + nc), e).flatten(1)
-                Ek = grads(V, U, slice(q0, q0 + qc), e).flatten(1)
+                Dk = grads(A, G, slice(n0, n0 + nc), e, "score_factored.D").flatten(1)
+                Ek = grads(V, U, slice(q0, q0 + qc), e, "score_factored.E").flatten(1)
                 out[n0:n0 + nc, q0:q0 + qc] += Dk @ Ek.T
     return out
 

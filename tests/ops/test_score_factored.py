@@ -124,7 +124,8 @@ def test_materialize_builds_each_gradient_once(monkeypatch):
     monkeypatch.setenv("FASTINF_WORKSPACE_MB", str(480 / 2**20))  # 30 gradient rows of din=2
     rows = []
     bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda a, b: rows.append(a.shape[0] * a.shape[1]) or bmm(a, b))
+    monkeypatch.setattr(torch, "bmm",
+                        lambda a, b, **k: rows.append(a.shape[0] * a.shape[1]) or bmm(a, b, **k))
     dout = 5
     for N, Q in [(2, 20), (20, 2), (13, 13), (40, 3), (40, 40)]:
         A, G, V, U = _inputs((N, 3, Q, 2, 2, dout), torch.float32, "cpu")
