@@ -460,18 +460,32 @@ class EKFAC:
         return layers
 
     def self_layer(self, name: str, rec) -> torch.Tensor:
-        """``[B]`` ``Σ (Q_Sᵀ D_n Q_A)^∘2 ⊘ (Λ + λ)`` of one layer (:meth:`rotated`), examples in
-        workspace-sized tiles."""
+        """``[B]`` ``Σ (Q_Sᵀ D_n Q_A)^∘2 ⊘ (Λ + λ)`` of one layer (:meth:`rotated`). Where
+        tokens are rotated, the whole batch's tokens are rotated at once and the per-example
+        products squared and weighted in place in tiles (cache-sized on the CPU, as the Λ of
+        ``ekfac_lambda``); else examples in workspace-sized tiles."""
         dt = self.dtype
         L = self.factors[name]
         inv = self._inv_denominator(name)
         B = len(rec)
-        per = 3 * L["QS"].shape[0] * L["QA"].shape[0]
+        dout, din = L["QS"].shape[0], L["QA"].shape[0]
         out = torch.zeros(B, dtype=dt, device=self.device)
-        nc = c.chunk(B, per * torch.finfo(dt).bits // 8)
+        per = dout * din * torch.finfo(dt).bits // 8
+        if isinstance(rec, LayerBatch) and self.rotates_tokens(name, rec.A.shape[1]):
+            At = c.mask_rows(rec.A.detach().to(dt), rec.mask) @ L["QA"]
+            Gt = c.mask_rows(rec.G.detach().to(dt), rec.mask) @ L["QS"]
+            nc = c.chunk(B, per, c.CPU_CACHE_TILE) if self.device.type == "cpu" else \
+                c.chunk(B, 2 * per)
+            for n0 in range(0, B, nc):
+                Gk = Gt[n0:n0 + nc].transpose(1, 2)
+                R = torch.bmm(Gk, At[n0:n0 + nc],
+                              out=c.scratch("ekfac.self", (Gk.shape[0], dout, din), dt, At.device))
+                out[n0:n0 + R.shape[0]] = R.square_().mul_(inv).sum((1, 2))
+            return out
+        nc = c.chunk(B, 3 * per)
         for n0 in range(0, B, nc):
             R = self.rotated(name, _rows(rec, n0, n0 + nc))
-            out[n0:n0 + R.shape[0]] = (R * R * inv).sum((1, 2))
+            out[n0:n0 + R.shape[0]] = R.square_().mul_(inv).sum((1, 2))
         return out
 
     def store_spec(self) -> dict:

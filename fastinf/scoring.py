@@ -623,6 +623,7 @@ def top_influences(method, query, train, k: int = 10, largest: bool = True, trai
     return vals.masked_fill(invalid, float("nan")), idxs.masked_fill(invalid, -1)
 
 
+@_releasing_scratch
 def self_scores(method, train, batch_size: int = 64) -> torch.Tensor:
     """``[n_train]`` float32 self-influence (CPU); from a store: precomputed at build time."""
     _check_batch_size(batch_size)

@@ -174,9 +174,16 @@ def test_randomized_rank_deficient_zero_and_scaled():
     L, R = randomized_svd(X, 8)
     close(L @ R.mT, X, 1e-10)
     assert torch.isfinite(L).all() and torch.isfinite(R).all()
-    Z = torch.zeros(2, 100, 120, dtype=torch.float64)
-    L, R = randomized_svd(Z, 8)
-    assert torch.isfinite(L).all() and float((L @ R.mT).abs().max()) == 0.0
+    for dt in (torch.float64, torch.float32):
+        Z = torch.zeros(2, 100, 120, dtype=dt)
+        L, R = randomized_svd(Z, 8)
+        assert torch.isfinite(L).all() and torch.isfinite(R).all()
+        assert float((L @ R.mT).abs().max()) == 0.0
+        Xs = torch.randn(2, 100, 120, dtype=dt)
+        for scale in (1e-30, 1e30):                     # float32 too: no overflow, no NaN
+            L, R = randomized_svd(Xs * scale, 8)
+            assert torch.isfinite(L).all() and torch.isfinite(R).all()
+            assert float(excess(Xs * scale, L, R, 8).max()) < 0.02
     X = with_spectrum(1, 100, 120, [0.8 ** i for i in range(100)], seed=4)
     ref = randomized_svd(X, 5)
     for scale in (1e-30, 1e30):

@@ -311,18 +311,20 @@ def _orthonormal(Y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """An orthonormal basis ``[B, s, k]`` of the columns of ``Y`` (shifted Cholesky-QR on the
     float64 ``k × k`` Gram, ``passes`` times: batched GEMMs instead of one Householder QR per
     matrix; one pass leaves an orthogonality error of about eps·cond(Y)², enough between power
-    rounds, two make it orthonormal to rounding). A rank-deficient ``Y`` gets orthonormal
-    columns spanning its range plus arbitrary directions; a zero ``Y`` gives zeros."""
-    Yd = Y.double()
+    rounds, two make it orthonormal to rounding), in ``Y``'s dtype (the power rounds pass a
+    float32 ``Y``, the final basis is float64). A rank-deficient ``Y`` gets orthonormal columns
+    spanning its range plus arbitrary directions; a zero ``Y`` gives zeros."""
     eye = torch.eye(Y.shape[-1], dtype=torch.float64, device=Y.device)
+    # scaled to a largest entry of 1 (a zero Y stays 0): no overflow or underflow in its Gram
+    Y = Y / Y.abs().amax((1, 2), keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
     for _ in range(passes):
-        G = Yd.mT @ Yd
-        shift = 1e-13 * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
+        G = (Y.mT @ Y).double()
+        shift = 1e-13 * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1.0)
         C = torch.linalg.cholesky_ex(G + shift[:, None, None] * eye)[0]
         # Y C⁻ᵀ as a GEMM with the inverted k × k factor (a batched triangular solve against
         # the s × k Y ran one small trsm per matrix: 4.8 of 14 s on the transformer's queries)
-        Yd = Yd @ torch.linalg.solve_triangular(C, eye, upper=False).mT
-    return Yd
+        Y = Y @ torch.linalg.solve_triangular(C, eye, upper=False).mT.to(Y.dtype)
+    return Y
 
 
 def randomized_svd(X: torch.Tensor, r: int, oversample: int = 24, power: int = 2):
@@ -353,14 +355,18 @@ def randomized_svd(X: torch.Tensor, r: int, oversample: int = 24, power: int = 2
     A = X if wide else X.mT                                   # [B, s, w], s <= w
     dt = compute_dtype(X) if X.dtype != torch.float64 else torch.float64
     A = A.to(dt)
+    # each matrix scaled to a largest entry of 1: the power rounds raise A to the 5th power,
+    # which leaves float32's range for entries far from 1 (1e-30 would underflow to zero)
+    sc = A.abs().amax((1, 2), keepdim=True).clamp_min(torch.finfo(dt).tiny)
+    A = A / sc
     g = torch.Generator().manual_seed(0)
     Y = A @ torch.randn(w, kp, generator=g, dtype=torch.float64).to(dt).to(X.device)
     for _ in range(power):
-        Yq = _orthonormal(Y, 1).to(dt)
+        Yq = _orthonormal(Y, 1)
         Y = A @ (A.mT @ Yq)
-    Qb = _orthonormal(Y)                                      # [B, s, kp] float64
+    Qb = _orthonormal(Y.double())                             # [B, s, kp] float64
     Bm = (Qb.to(dt).mT @ A).double()                           # [B, kp, w]
     V = torch.linalg.eigh(Bm @ Bm.mT).eigenvectors[..., kp - k:].flip(-1)   # top-k Ritz
     L = (Qb @ V).to(X.dtype)                                   # [B, s, k] orthonormal
-    R = (Bm.mT @ V).to(X.dtype)                                # [B, w, k] = Aᵀ L
+    R = (Bm.mT @ V * sc.double()).to(X.dtype)                  # [B, w, k] = Xᵀ L (unscaled)
     return (L, R) if wide else (R, L)
