@@ -260,7 +260,6 @@ class BlockReplay:
         self.reason: Optional[str] = None if found else "no stack of blocks"
         if self.budget <= 0:
             self.reason = "FASTINF_REPLAY_MEMORY_MB=0"
-        self.replayed = 0           # batches captured by replay (for tests and benchmarks)
 
     @property
     def active(self) -> bool:
@@ -327,5 +326,4 @@ class BlockReplay:
         flat = [o for n in names for o in outputs[n]]
         grads = torch.autograd.grad(outs, flat, grad_outputs=gouts, allow_unused=True) \
             if outs else [None] * len(flat)
-        self.replayed += 1
         return collect(modules, names, inputs, outputs, grads, token_mask, key, what)

@@ -342,8 +342,7 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
                 groups = _groups_in_order(replays[0].order(list(sizes)), sizes,
                                           (budget - sum(rec)) // Q)
                 if train_replays is not None:
-                    train_replays.update({i: BlockReplay(m.model, m.modules, what="train")
-                                          for i, (m, _, _) in enumerate(method.terms())})
+                    train_replays.update(enumerate(_replays(method, "train")))
             else:
                 replays = None
                 groups = _groups(sizes, budget // Q)
