@@ -515,7 +515,7 @@ class EKFAC:
         gradient at rank r (``score_factored``, or ``score_dense`` against the rank-r matrix
         where that needs fewer FLOPs); None is exact (``score_dense``). ``query_svd``: how the
         rank-r factors are found, ``"randomized"`` (default; randomized subspace iteration,
-        within 0.14% of the best rank-r Frobenius error on transformer queries, 2.8x faster:
+        within 0.14% of the best rank-r Frobenius error on transformer queries, 3.5x faster:
         :func:`fastinf.ops._common.randomized_svd`) or ``"exact"`` (the truncated SVD). Under ``torch.distributed`` the train side is split across ranks and
         every rank returns the full matrix.
 
