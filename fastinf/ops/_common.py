@@ -307,6 +307,14 @@ def truncated_svd(X: torch.Tensor, r: int, eigh_device=None):
     return L.to(X.dtype), R.to(X.dtype)
 
 
+def _absmax(X: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 1]`` largest ``|x|`` of each matrix of ``X [B, m, n]`` (at least the dtype's
+    smallest normal, so dividing by it is safe), by ``aminmax`` over X's own layout: no
+    ``abs`` copy of X."""
+    mn, mx = X.reshape(X.shape[0], -1).aminmax(dim=1)
+    return torch.maximum(mx, -mn).clamp_min(torch.finfo(X.dtype).tiny)[:, None, None]
+
+
 def _orthonormal(Y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """An orthonormal basis ``[B, s, k]`` of the columns of ``Y`` (shifted Cholesky-QR on the
     float64 ``k × k`` Gram, ``passes`` times: batched GEMMs instead of one Householder QR per
@@ -316,7 +324,7 @@ def _orthonormal(Y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     spanning its range plus arbitrary directions; a zero ``Y`` gives zeros."""
     eye = torch.eye(Y.shape[-1], dtype=torch.float64, device=Y.device)
     # scaled to a largest entry of 1 (a zero Y stays 0): no overflow or underflow in its Gram
-    Y = Y / Y.abs().amax((1, 2), keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    Y = Y / _absmax(Y)
     for _ in range(passes):
         G = (Y.mT @ Y).double()
         shift = 1e-13 * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1.0)
@@ -361,8 +369,7 @@ def randomized_svd(X: torch.Tensor, r: int, oversample: int = 24, power: int = 2
     # strided elementwise pass over the largest operand cost 30% of the time on the
     # transformer's tall queries); the small [B, w, kp] factors are divided instead, so the
     # power rounds stay O(|A|) and float32's range holds for entries from 1e-30 to 1e30.
-    mn, mx = Xc.reshape(B, -1).aminmax(dim=1)
-    sc = torch.maximum(mx, -mn).clamp_min(torch.finfo(dt).tiny)[:, None, None]
+    sc = _absmax(Xc)
     g = torch.Generator().manual_seed(0)
     Y = A @ torch.randn(w, kp, generator=g, dtype=torch.float64).to(dt).to(X.device)
     for _ in range(power):
