@@ -6,6 +6,7 @@ Benchmarks measure their baselines in the same run and report ratios; results ar
 from __future__ import annotations
 
 import csv
+import ctypes
 import datetime as _dt
 import os
 import platform
@@ -76,8 +77,20 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _trim_heap() -> None:
+    """Returns the C heap's free memory to the OS (glibc ``malloc_trim``; elsewhere nothing), so
+    the RSS growth of a block counts what it allocates, not only what the heap lacked: without it
+    a block measured after a larger one showed 0 MiB (its memory came from the heap the earlier
+    one freed)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator peak, or sampled RSS above the start on CPU."""
+    """Peak extra memory of a block: CUDA allocator peak, or sampled RSS above the start on CPU
+    (the C heap trimmed first, see :func:`_trim_heap`)."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -89,6 +102,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _trim_heap()
             self.base = _rss()
             self._stop = False
             self._max = self.base
