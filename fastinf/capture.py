@@ -348,6 +348,7 @@ def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, wha
         token_mask = _check_mask(token_mask, B)
     result: Dict[str, LayerBatch] = {}
     sums: list = []     # one sum per gradient: a single finiteness check for the whole batch
+    shared: dict = {}   # (input view) -> (mask, masked copy), never written in place afterwards
     k = 0
     for name in names:
         As, gs, masks = inputs[name], [], []
@@ -370,7 +371,16 @@ def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, wha
             # (A a view of the module's input, which other modules and autograd still read)
             off = ~mask[..., None]
             own = len(As) > 1 or has_bias(modules[name]) or isinstance(modules[name], nn.Conv2d)
-            A = A.masked_fill_(off, 0) if own else A.masked_fill(off, 0)
+            if own:
+                A = A.masked_fill_(off, 0)
+            else:   # layers reading one tensor (an attention's q, k, v) share one masked copy
+                key = (A.data_ptr(), tuple(A.shape), A.stride(), A.dtype, A.device)
+                hit = shared.get(key)
+                if hit is not None and torch.equal(hit[0], mask):
+                    A = hit[1]
+                else:
+                    A = A.masked_fill(off, 0)
+                    shared[key] = (mask, A)
             G = G.masked_fill_(off, 0)
         result[name] = LayerBatch(A, G, mask)
     for name in modules:

@@ -285,6 +285,37 @@ def test_mask_applies_to_every_call_of_a_shared_layer():
         assert not fac[n].A[~fac[n].mask].any()
 
 
+class _QKV(nn.Module):
+    """Three bias-free projections of one input (an attention's q, k, v) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(3, 4, bias=False) for _ in range(3))
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        return self.head(self.q(x) * self.k(x).tanh() + self.v(x))
+
+
+def test_masked_input_shared_by_layers_is_one_tensor():
+    """q, k and v read the same input: their masked token inputs are one tensor (kept once by
+    fit), zeroed where masked, and their factors are those of separate copies."""
+    torch.manual_seed(6)
+    model = _QKV().double()
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (4, 6))
+    mask = torch.rand(4, 6) < 0.7
+    mods = tracked_modules(model)
+    fac = capture(model, _masked_ce(mask), (x, y), mods, token_mask=mask)
+    assert fac["q"].A is fac["k"].A is fac["v"].A
+    assert fac["head"].A is not fac["q"].A
+    torch.testing.assert_close(fac["q"].A, x.masked_fill(~mask[..., None], 0))
+    assert x.abs().min() > 0          # the model's input itself is not zeroed
+    for n in ("q", "k", "v"):
+        assert not fac[n].G[~mask].any()
+        assert torch.equal(fac[n].mask, mask)
+
+
 def test_mask_of_wrong_shape_names_module_and_shapes():
     model = _Twice().double()
     x = torch.randn(4, 6, 3, dtype=torch.float64)
