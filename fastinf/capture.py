@@ -286,12 +286,20 @@ def recording(modules: Dict[str, nn.Module]):
     the token inputs ``[B, t, din]`` (detached) and the outputs of each call under grad."""
     inputs: Dict[str, list] = {n: [] for n in modules}
     outputs: Dict[str, list] = {n: [] for n in modules}
+    built: dict = {}    # (input view) -> (input, its tokens with a bias column): q, k, v share
 
     def make_hook(name):
         def hook(mod, args, out):
             if not torch.is_grad_enabled():
                 return
-            inputs[name].append(_tokens_in(mod, args[0].detach()))
+            x = args[0].detach()
+            if has_bias(mod) and not isinstance(mod, nn.Conv2d):
+                key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+                if key not in built:    # x held too: its address is not reused meanwhile
+                    built[key] = (x, _tokens_in(mod, x))
+                inputs[name].append(built[key][1])
+            else:
+                inputs[name].append(_tokens_in(mod, x))
             outputs[name].append(out)
         return hook
 

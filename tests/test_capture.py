@@ -316,6 +316,28 @@ def test_masked_input_shared_by_layers_is_one_tensor():
         assert torch.equal(fac[n].mask, mask)
 
 
+def test_biased_layers_reading_one_input_share_its_tokens():
+    """With a bias column (a new tensor per layer before), q, k, v still share one token tensor,
+    masked in place once; each layer's factors equal those captured alone."""
+    torch.manual_seed(7)
+    model = _QKV().double()
+    for m in (model.q, model.k, model.v):
+        m.bias = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (4, 6))
+    mask = torch.rand(4, 6) < 0.7
+    mods = tracked_modules(model)
+    fac = capture(model, _masked_ce(mask), (x, y), mods, token_mask=mask)
+    assert fac["q"].A is fac["k"].A is fac["v"].A
+    ref = torch.cat([x, torch.ones(4, 6, 1, dtype=torch.float64)], 2).masked_fill(
+        ~mask[..., None], 0)
+    torch.testing.assert_close(fac["q"].A, ref)
+    for n in ("q", "k", "v"):
+        alone = capture(model, _masked_ce(mask), (x, y), {n: mods[n]}, token_mask=mask)[n]
+        torch.testing.assert_close(alone.A, fac[n].A)
+        torch.testing.assert_close(alone.G, fac[n].G)
+
+
 def test_mask_of_wrong_shape_names_module_and_shapes():
     model = _Twice().double()
     x = torch.randn(4, 6, 3, dtype=torch.float64)
