@@ -297,16 +297,24 @@ class _QKV(nn.Module):
         return self.head(self.q(x) * self.k(x).tanh() + self.v(x))
 
 
-def test_masked_input_shared_by_layers_is_one_tensor():
-    """q, k and v read the same input: their masked token inputs are one tensor (kept once by
-    fit), zeroed where masked, and their factors are those of separate copies."""
+def _qkv_capture(bias: bool):
+    """``(model, x, y, mask, modules, factors)`` of a masked capture of :class:`_QKV`."""
     torch.manual_seed(6)
     model = _QKV().double()
+    if bias:
+        for m in (model.q, model.k, model.v):
+            m.bias = nn.Parameter(torch.randn(4, dtype=torch.float64))
     x = torch.randn(4, 6, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (4, 6))
     mask = torch.rand(4, 6) < 0.7
     mods = tracked_modules(model)
-    fac = capture(model, _masked_ce(mask), (x, y), mods, token_mask=mask)
+    return model, x, y, mask, mods, capture(model, _masked_ce(mask), (x, y), mods, token_mask=mask)
+
+
+def test_masked_input_shared_by_layers_is_one_tensor():
+    """q, k and v read the same input: their masked token inputs are one tensor (kept once by
+    fit), zeroed where masked, and their factors are those of separate copies."""
+    model, x, y, mask, mods, fac = _qkv_capture(bias=False)
     assert fac["q"].A is fac["k"].A is fac["v"].A
     assert fac["head"].A is not fac["q"].A
     torch.testing.assert_close(fac["q"].A, x.masked_fill(~mask[..., None], 0))
@@ -319,15 +327,7 @@ def test_masked_input_shared_by_layers_is_one_tensor():
 def test_biased_layers_reading_one_input_share_its_tokens():
     """With a bias column (a new tensor per layer before), q, k, v still share one token tensor,
     masked in place once; each layer's factors equal those captured alone."""
-    torch.manual_seed(7)
-    model = _QKV().double()
-    for m in (model.q, model.k, model.v):
-        m.bias = nn.Parameter(torch.randn(4, dtype=torch.float64))
-    x = torch.randn(4, 6, 3, dtype=torch.float64)
-    y = torch.randint(0, 2, (4, 6))
-    mask = torch.rand(4, 6) < 0.7
-    mods = tracked_modules(model)
-    fac = capture(model, _masked_ce(mask), (x, y), mods, token_mask=mask)
+    model, x, y, mask, mods, fac = _qkv_capture(bias=True)
     assert fac["q"].A is fac["k"].A is fac["v"].A
     ref = torch.cat([x, torch.ones(4, 6, 1, dtype=torch.float64)], 2).masked_fill(
         ~mask[..., None], 0)
