@@ -280,6 +280,11 @@ def _call_mask(token_mask: torch.Tensor, a: torch.Tensor, name: str) -> Optional
                      "layers with modules=[...]")
 
 
+def _view_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that view the same memory the same way (while both are alive)."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device
+
+
 @contextlib.contextmanager
 def recording(modules: Dict[str, nn.Module]):
     """Forward hooks on ``modules`` for the duration: yields ``(inputs, outputs)``, per module
@@ -294,7 +299,7 @@ def recording(modules: Dict[str, nn.Module]):
                 return
             x = args[0].detach()
             if has_bias(mod) and not isinstance(mod, nn.Conv2d):
-                key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+                key = _view_key(x)
                 if key not in built:    # x held too: its address is not reused meanwhile
                     built[key] = (x, _tokens_in(mod, x))
                 inputs[name].append(built[key][1])
@@ -356,7 +361,7 @@ def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, wha
         token_mask = _check_mask(token_mask, B)
     result: Dict[str, LayerBatch] = {}
     sums: list = []     # one sum per gradient: a single finiteness check for the whole batch
-    shared: dict = {}   # (input view) -> (mask, masked copy), never written in place afterwards
+    shared: dict = {}   # (token input view) -> (mask, its masked form)
     k = 0
     for name in names:
         As, gs, masks = inputs[name], [], []
@@ -379,16 +384,14 @@ def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, wha
             # (A a view of the module's input, which other modules and autograd still read)
             off = ~mask[..., None]
             own = len(As) > 1 or has_bias(modules[name]) or isinstance(modules[name], nn.Conv2d)
-            if own:
-                A = A.masked_fill_(off, 0)
-            else:   # layers reading one tensor (an attention's q, k, v) share one masked copy
-                key = (A.data_ptr(), tuple(A.shape), A.stride(), A.dtype, A.device)
-                hit = shared.get(key)
-                if hit is not None and torch.equal(hit[0], mask):
-                    A = hit[1]
-                else:
-                    A = A.masked_fill(off, 0)
-                    shared[key] = (mask, A)
+            # layers reading one tensor (an attention's q, k, v) share its masked form, made once
+            hit = shared.get(_view_key(A))
+            if hit is not None and torch.equal(hit[0], mask):
+                A = hit[1]
+            else:
+                key = _view_key(A)
+                A = A.masked_fill_(off, 0) if own else A.masked_fill(off, 0)
+                shared[key] = (mask, A)
             G = G.masked_fill_(off, 0)
         result[name] = LayerBatch(A, G, mask)
     for name in modules:
