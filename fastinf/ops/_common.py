@@ -309,9 +309,12 @@ def truncated_svd(X: torch.Tensor, r: int, eigh_device=None):
 
 def _absmax(X: torch.Tensor) -> torch.Tensor:
     """``[B, 1, 1]`` largest ``|x|`` of each matrix of ``X [B, m, n]`` (at least the dtype's
-    smallest normal, so dividing by it is safe), by ``aminmax`` over X's own layout: no
-    ``abs`` copy of X."""
-    mn, mx = X.reshape(X.shape[0], -1).aminmax(dim=1)
+    smallest normal, so dividing by it is safe), by ``amax`` and ``amin`` over X's own layout:
+    no ``abs`` copy of X, no reshape copy of a strided X. Not ``aminmax(dim=)``: on CPU torch
+    2.13 it took 6.0 ms for X [32, 688, 256] against 0.34 ms for the two reductions (1.3 s of
+    Llama's rank-32 queries)."""
+    mx = X.amax(dim=(-2, -1))
+    mn = X.amin(dim=(-2, -1))
     return torch.maximum(mx, -mn).clamp_min(torch.finfo(X.dtype).tiny)[:, None, None]
 
 
