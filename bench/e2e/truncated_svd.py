@@ -1,7 +1,8 @@
 """EK-FAC ``query_rank=r``'s reduction of the preconditioned queries, on the d=256 transformer's
 layer shapes: ``torch.linalg.svd`` (the former code) vs ``ops._common.truncated_svd`` (Gram on
 the smaller side + float64 eigh, ``query_svd="exact"``) vs ``ops._common.randomized_svd`` (the
-default), measured interleaved in the same process, fastest of ``--reps``.
+default: one power round since 2026-12-06; rows "randomized" before that date had two) and
+``randomized_power2`` (two rounds), measured interleaved in the same process, fastest of ``--reps``.
 
 ``--real``: the matrices are the real preconditioned queries of bench/peers' transformer (EK-FAC
 fitted on 64 examples after a few training steps, ``--queries`` queries), whose spectra decide
@@ -94,7 +95,8 @@ def main():
     Xs = real_queries(a.queries, dev) if a.real else \
         [torch.randn(a.queries, m, n, device=dev) for m, n in LAYERS]
     check = list(range(0, len(Xs), 3)) if a.real else [0, 1, 2]
-    variants = {"svd": by_svd, "gram_eigh": truncated_svd, "randomized": randomized_svd}
+    variants = {"svd": by_svd, "gram_eigh": truncated_svd, "randomized": randomized_svd,
+                "randomized_power2": lambda X, r: randomized_svd(X, r, power=2)}
     if dev.startswith("cuda"):
         variants["gram_eigh_on_gpu"] = lambda X, r: truncated_svd(X, r, eigh_device=dev)
     best = {k: float("inf") for k in variants}
