@@ -313,8 +313,10 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
         return torch.cat([D @ Dq.to(dtype).flatten(1).T for _, Dq in q.dense_chunks()], 1)
     A, G = train.A.detach().to(dtype), train.G.detach().to(dtype)
     if isinstance(r, Eigen) and q._eigen_rotates_train(train):
-        s = score_dense(A @ r.QA.to(dtype), G @ r.QS.to(dtype), r.X.to(dtype),
-                        a_mask=train.mask, backend=backend)
+        # rotated tokens with their masked rows 0: no mask (and no masked copy) for the op
+        s = score_dense(c.rotate_rows(A, r.QA.to(dtype), train.mask),
+                        c.rotate_rows(G, r.QS.to(dtype), train.mask), r.X.to(dtype),
+                        backend=backend)
     elif isinstance(r, LayerBatch) and not q._prefer_dense(train):
         s = score_factored(A, G, r.A, r.G, a_mask=train.mask, v_mask=r.mask, backend=backend)
     else:

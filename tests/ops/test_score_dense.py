@@ -100,6 +100,18 @@ def test_chunking_keeps_results(monkeypatch):
     assert_close(score_dense(A.double(), G.double(), M.double()).float(), want, 1e-6)
 
 
+@pytest.mark.parametrize("tile", [1, 8 * 4 * 3, 10 ** 9])
+def test_materialize_cpu_row_chunks_keep_results(monkeypatch, tile):
+    """materialize's chunks of D's rows on the CPU (D_TILE bytes, at least one row): one row at
+    a time, chunks that do not divide dout, all rows."""
+    import sys
+    monkeypatch.setattr(sys.modules["fastinf.ops.score_dense"], "D_TILE", tile)
+    A, G, M = _inputs((9, 4, 7, 8, 5), torch.float32, "cpu")
+    am = random_mask(9, 4, "cpu")
+    assert_close(score_dense(A, G, M, a_mask=am, backend="torch", contraction="materialize"),
+                 _ref(A, G, M, am), 2e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 2048])
 @pytest.mark.parametrize("mb", ["0.0001", "0.002", "256"])
 def test_token_tiles_keep_results(monkeypatch, rows, mb):
