@@ -268,12 +268,6 @@ class BlockReplay:
     def covers(self, names) -> bool:
         return self.active and all(n in self.block_of for n in names)
 
-    def order(self, names) -> List[str]:
-        """``names`` ordered for grouping: layers outside the blocks first (the recording pass
-        captures them), then by block."""
-        pos = {n: i for i, n in enumerate(names)}
-        return sorted(names, key=lambda n: (self.block_of.get(n, -1), pos[n]))
-
     def disable(self, reason: str) -> None:
         if self.reason is None:
             log.warning("fastinf: block replay is off for the %s passes (%s); each group of layers "

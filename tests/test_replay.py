@@ -154,19 +154,50 @@ def test_replay_equals_full_passes(f64, monkeypatch):
             groups.append(list(st[0]))
             yield q0, st
     monkeypatch.setattr(scoring, "query_batches", spy_qb)
+    trims = []
+    real_trim = scoring.release_heap
+    monkeypatch.setattr(scoring, "release_heap", lambda: trims.append(1) or real_trim())
     got = ek.pairwise_scores(query, train, batch_size=4)
     _close(got, ref)
     assert len(groups) > 2 and c.disabled == []
+    # the C heap is trimmed before every group after the first (the last group's transients)
+    assert len(trims) == len(groups) - 1
     # every group after the first is replayed: 3 query batches + 5 train batches each
     assert c.replayed == (len(groups) - 1) * (3 + 5)
-    # groups are consecutive layers, the head (outside the blocks) in the first
+    # every layer in one group; the head (outside the blocks) in the first, which the full
+    # recording pass captures; every later group inside one block (one block replay each)
     assert "head" in groups[0]
-    order = [p for g in groups for p in g if p != "head"]
-    assert order == [n for n in ek.modules if n != "head"]
+    assert sorted(p for g in groups for p in g) == sorted(ek.modules)
+    for g in groups[1:]:
+        assert len({p.split(".")[1] for p in g}) == 1, g
     got = ek.pairwise_scores(query, train, batch_size=4, per_module=True)
     assert list(got) == list(ref_mod)
     for k in got:
         _close(got[k], ref_mod[k])
+
+
+def test_groups_by_block_never_span_blocks():
+    """The d=256 Llama's layers (MiB of query state) under a 300 MiB cap: consecutive packing
+    spanned two blocks in 3 of 13 groups (15 block replays); per-block packing replays 11."""
+    sizes, block_of = {"lm_head": 96}, {}
+    for b in range(4):
+        for n, mib in [("q", 64), ("k", 64), ("v", 64), ("o", 64), ("gate", 172), ("up", 172),
+                       ("down", 172)]:
+            sizes[f"{b}.{n}"] = mib
+            block_of[f"{b}.{n}"] = b
+    groups = scoring._groups_by_block(sizes, 300, block_of)
+    assert sorted(p for g in groups for p in g) == sorted(sizes)
+    assert all(sum(sizes[p] for p in g) <= 300 for g in groups)
+    assert groups[0][0] == "lm_head"
+    assert sum(len({block_of[p] for p in g}) for g in groups[1:]) == 11
+    assert len(groups) == 12
+    # no layer outside the blocks: the first group is the largest that fits, in layer order
+    del sizes["lm_head"]
+    groups = scoring._groups_by_block(sizes, 300, block_of)
+    assert groups[0] == ["0.q", "0.k", "0.gate"] and len(groups) == 12
+    # a layer above the cap has a group of its own
+    groups = scoring._groups_by_block({"a": 500, "b": 10}, 300, {"a": 0, "b": 0})
+    assert sorted(groups) == [["a"], ["b"]]
 
 
 def test_partial_budget_records_some_batches(f64, monkeypatch):

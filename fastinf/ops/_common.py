@@ -6,8 +6,10 @@ only ever see contiguous tensors of the right shapes.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import sys
 import threading
 from typing import Optional, Sequence
 
@@ -168,6 +170,30 @@ def scratch(key: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
 def release_scratch() -> None:
     """Frees this thread's :func:`scratch` buffers."""
     _SCRATCH.bufs = {}
+
+
+_LIBC: list = []
+
+
+def release_heap() -> None:
+    """Returns the C heap's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    CPU tensors of up to 32 MB come from the C heap once glibc's dynamic mmap threshold has
+    risen (it does after the first large free), and glibc keeps what they freed: between the
+    groups of layers of the GPT-2 benchmark's exact pairwise (:func:`fastinf.scoring.
+    query_batches`) 560 MB of freed train tiles and activations stayed resident, and the peak
+    RSS fell from 1.64 to 1.40 GB, in the same time, with a trim at each group."""
+    if not _LIBC:
+        lib = None
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL("libc.so.6").malloc_trim
+                lib.argtypes, lib.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                lib = None
+        _LIBC.append(lib)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 def chunk(total: int, per_item_bytes: float, budget: Optional[int] = None, minimum: int = 1) -> int:
