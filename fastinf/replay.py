@@ -4,7 +4,7 @@ its layers.
 Where the query state of all layers does not fit the memory budget, pairwise scoring splits the
 layers into groups (:func:`fastinf.scoring.query_batches`) and runs one gradient pass over the
 queries and one over the train set per group: every pass a full forward and backward of the
-model, though a group holds a few layers of one or two transformer blocks. A
+model, though a group holds a few layers of one transformer block. A
 :class:`BlockReplay` makes the later passes cheap. On the first pass over a dataset it records,
 per batch, what each *block* of the model's main stack received (its arguments, the hidden
 states among them) and the gradient of the loss w.r.t. its outputs. A later pass over a group

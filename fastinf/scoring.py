@@ -321,7 +321,8 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
     once per group of layers (its tokens rotated, its gradients materialised once in all)
     instead of in full once per query batch, at the cost of a query pass per group. Where the
     model has a stack of blocks (:mod:`fastinf.replay`), the passes after the first replay only
-    the blocks holding the group's layers; the groups are then consecutive layers, and the
+    the blocks holding the group's layers; the groups are then packed block by block
+    (:func:`_groups_by_block`, one block replayed per later group), and the
     block records of the queries and of the train set (estimated from the first batch) count
     against the same budget. ``train_replays`` (a dict) then receives the train side's
     :class:`fastinf.replay.BlockReplay` per term, for :func:`_data_block`."""
