@@ -104,8 +104,11 @@ def _cat_factors(records: List[LayerBatch]) -> LayerBatch:
         r = records[0]
         return LayerBatch(r.A.contiguous(), r.G.contiguous(), r.mask)
     S = max(r.A.shape[1] for r in records)
-    A = torch.cat([F.pad(r.A, (0, 0, 0, S - r.A.shape[1])) for r in records], 0)
-    G = torch.cat([F.pad(r.G, (0, 0, 0, S - r.G.shape[1])) for r in records], 0)
+
+    def padded(X):      # F.pad copies even when it pads nothing: a second tile at the peak
+        return X if X.shape[1] == S else F.pad(X, (0, 0, 0, S - X.shape[1]))
+    A = torch.cat([padded(r.A) for r in records], 0)
+    G = torch.cat([padded(r.G) for r in records], 0)
     mask = None
     if any(r.mask is not None or r.A.shape[1] != S for r in records):
         ones = [r.mask if r.mask is not None else
@@ -217,7 +220,10 @@ class RecordStack:
     def result(self) -> Record:
         if self.off != self.n:
             raise ValueError(f"RecordStack: {self.off} examples added, {self.n} expected")
-        return _cat_factors(self.factors) if self.factors else self.rec
+        if self.factors:    # concatenated once; the batches' records are dropped here, not
+            # when the stack goes (they would double the query state while it is scored)
+            self.rec, self.factors = _cat_factors(self.factors), []
+        return self.rec
 
 
 # --------------------------------------------------------------------------- scoring

@@ -444,15 +444,19 @@ def _train_tiles(method, batches):
         recs = method.train_layers(layers)
         b = len(next(iter(recs.values())))
         if buf and (count + b > most or size >= cap):
-            yield start, joined()
-            buf, count, size = [], 0, 0
+            tile = joined()
+            buf, count, size = [], 0, 0     # the batches' records: not alive beside the tile
+            yield start, tile
+            del tile
         if not buf:
             start = off
         buf.append(recs)
         count += b
         size += sum(_record_bytes(r) for r in recs.values())
     if buf:
-        yield start, joined()
+        tile = joined()
+        buf = []
+        yield start, tile
 
 
 def _shard_block(method, state, store: Store, i: int, **how) -> Dict[str, torch.Tensor]:

@@ -246,6 +246,19 @@ def test_record_stack_writes_batches_into_one_buffer():
         [[True] * 6]
     torch.testing.assert_close(rec.dense(), torch.cat([layers.LayerBatch(A1, G1).dense(),
                                                         layers.LayerBatch(A2, G2).dense()]))
+    # the batches' factors are dropped once concatenated (not held beside the whole until the
+    # stack goes: that doubled a rank-r query state while it was scored), and result() is stable
+    import gc
+    import weakref
+    st = layers.RecordStack(3)
+    b1, b2 = layers.LayerBatch(A1.clone(), G1.clone()), layers.LayerBatch(A2.clone(), G2.clone())
+    alive = weakref.ref(b1.A)
+    st.add(b1)
+    st.add(b2)
+    del b1, b2
+    rec = st.result()
+    gc.collect()
+    assert alive() is None and st.result() is rec
 
 
 def test_query_state_is_never_concatenated(setup, monkeypatch):
