@@ -434,11 +434,13 @@ def _train_tiles(method, batches):
     def joined():
         if len(buf) == 1:
             return buf[0]
-        stacks = {p: RecordStack(count) for p in buf[0]}
-        for recs in buf:
-            for p, r in recs.items():
-                stacks[p].add(r)
-        return {p: st.result() for p, st in stacks.items()}
+        out = {}
+        for p in list(buf[0]):      # part by part, each batch's record dropped once joined:
+            st = RecordStack(count)     # only one part is held twice at a time, not the tile
+            for recs in buf:
+                st.add(recs.pop(p))
+            out[p] = st.result()
+        return out
 
     for off, layers in batches:
         recs = method.train_layers(layers)
