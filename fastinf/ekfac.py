@@ -405,8 +405,8 @@ class EKFAC:
         dt = self.dtype
         L = self.factors[name]
         if isinstance(rec, LayerBatch) and self.rotates_tokens(name, rec.A.shape[1]):
-            At = c.rotate_rows(rec.A.detach().to(dt), L["QA"], rec.mask)
-            Gt = c.rotate_rows(rec.G.detach().to(dt), L["QS"], rec.mask)
+            At, Gt = c.rotate_tokens(rec.A.detach().to(dt), rec.G.detach().to(dt), L["QA"],
+                                     L["QS"], rec.mask)
             return torch.bmm(Gt.transpose(1, 2), At, out=out)
         D = rec.D.to(dt) if isinstance(rec, DenseLayer) else rec.to(dt).dense()
         R = L["QS"].T @ D @ L["QA"]
@@ -472,8 +472,8 @@ class EKFAC:
         out = torch.zeros(B, dtype=dt, device=self.device)
         per = dout * din * torch.finfo(dt).bits // 8
         if isinstance(rec, LayerBatch) and self.rotates_tokens(name, rec.A.shape[1]):
-            At = c.rotate_rows(rec.A.detach().to(dt), L["QA"], rec.mask)
-            Gt = c.rotate_rows(rec.G.detach().to(dt), L["QS"], rec.mask)
+            At, Gt = c.rotate_tokens(rec.A.detach().to(dt), rec.G.detach().to(dt), L["QA"],
+                                     L["QS"], rec.mask)
             nc = c.chunk(B, per, c.CPU_CACHE_TILE) if self.device.type == "cpu" else \
                 c.chunk(B, 2 * per)
             for n0 in range(0, B, nc):

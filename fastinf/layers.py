@@ -320,9 +320,8 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
     A, G = train.A.detach().to(dtype), train.G.detach().to(dtype)
     if isinstance(r, Eigen) and q._eigen_rotates_train(train):
         # rotated tokens with their masked rows 0: no mask (and no masked copy) for the op
-        s = score_dense(c.rotate_rows(A, r.QA.to(dtype), train.mask),
-                        c.rotate_rows(G, r.QS.to(dtype), train.mask), r.X.to(dtype),
-                        backend=backend)
+        At, Gt = c.rotate_tokens(A, G, r.QA.to(dtype), r.QS.to(dtype), train.mask)
+        s = score_dense(At, Gt, r.X.to(dtype), backend=backend)
     elif isinstance(r, LayerBatch) and not q._prefer_dense(train):
         s = score_factored(A, G, r.A, r.G, a_mask=train.mask, v_mask=r.mask, backend=backend)
     else:

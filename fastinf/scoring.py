@@ -279,10 +279,10 @@ def _groups_by_block(sizes: Dict[str, int], cap: int, block_of: Dict[str, int]) 
     for b in sorted({block_of[p] for p in sizes if p in block_of}):
         packed += _groups({p: sizes[p] for p in sizes if block_of.get(p) == b}, cap)
     later = []
-    for g in sorted(packed, key=lambda g: -sum(sizes[p] for p in g)):
-        if used + sum(sizes[p] for p in g) <= cap:
+    for g, size in sorted(((g, sum(sizes[p] for p in g)) for g in packed), key=lambda x: -x[1]):
+        if used + size <= cap:
             first += g
-            used += sum(sizes[p] for p in g)
+            used += size
         else:
             later.append(g)
     later.sort(key=lambda g: order[g[0]])

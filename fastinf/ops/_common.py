@@ -240,6 +240,13 @@ def rotate_rows(x: torch.Tensor, Q: torch.Tensor, mask: Optional[torch.Tensor]) 
     return y.view(B, T, Q.shape[1])
 
 
+def rotate_tokens(A: torch.Tensor, G: torch.Tensor, QA: torch.Tensor, QS: torch.Tensor,
+                  mask: Optional[torch.Tensor]):
+    """``(A Q_A, G Q_S)``: a layer's tokens rotated into its Kronecker eigenbasis, masked rows 0
+    (:func:`rotate_rows`)."""
+    return rotate_rows(A, QA, mask), rotate_rows(G, QS, mask)
+
+
 def require_native(op: str):
     C = native()
     if C is None:

@@ -55,8 +55,7 @@ def rotate(A, G, QA, QS, a_mask=None):
     """``(A Q_A, G Q_S)`` in the compute dtype (float32 for half inputs), masked rows zeroed
     and never read (:func:`._common.rotate_rows`: on the CPU padding costs no GEMM FLOPs)."""
     dt = c.compute_dtype(A)
-    return (c.rotate_rows(A.to(dt), QA.to(dt), a_mask),
-            c.rotate_rows(G.to(dt), QS.to(dt), a_mask))
+    return c.rotate_tokens(A.to(dt), G.to(dt), QA.to(dt), QS.to(dt), a_mask)
 
 
 def _sum_sq_tiles(At, Gt, out):
