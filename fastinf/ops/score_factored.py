@@ -26,6 +26,15 @@ from . import _dispatch as d
 OP = "score_factored"
 CONTRACTIONS = ("factored", "materialize")
 
+# CPU bytes of each side's chunk of gradients in the "materialize" contraction (the train
+# examples' D and the queries' E): 128 train examples x 256 rank-32 queries of a 1024 x 257 layer
+# (T = 48, 2 threads) took 151 ms in 32 MiB chunks against 146 ms in the 128 MiB of half the
+# default workspace, and 100 vs 99 ms at 688 x 256; the two buffers stay alive between calls
+# (:func:`._common.scratch`), 130 MB of the rank-32 pairwise's peak on the GPT-2 benchmark.
+# Chunks run over the rows of the longer side (1025 x 256: 153 ms in 16 MiB chunks, 184 ms
+# with the rows of the shorter side).
+SIDE_TILE = 32 * 2**20
+
 
 # --------------------------------------------------------------------------- reference
 def score_factored_reference(A, G, V, U, a_mask=None, v_mask=None):
@@ -61,10 +70,11 @@ def score_factored_reference(A, G, V, U, a_mask=None, v_mask=None):
 # --------------------------------------------------------------------------- torch formulations
 def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
     """Per-example gradients ``D_n = G_nᵀ A_n`` and ``E_q = U_qᵀ V_q``, then GEMMs, in chunks
-    of their rows: ``out += D[:, e0:e1, :] · E[:, e0:e1, :]ᵀ``. Output float32 [N, Q].
+    of their rows (of their longer side): ``out += D[:, e0:e1, :] · E[:, e0:e1, :]ᵀ``. Output
+    float32 [N, Q].
 
     A chunk holds all examples and all queries (tiles of them only beyond half the workspace
-    each), so every gradient is built once. Tiles of whole gradients rebuilt the inner side
+    each; on the CPU beyond :data:`SIDE_TILE`), so every gradient is built once. Tiles of whole gradients rebuilt the inner side
     once per outer tile: a 4096x4096 layer's ``D_n`` (2 per tile) Q/2 times, minutes of H200
     time at N=8192, Q=1024. Off the CPU the GEMMs run in the inputs' dtype (fp32 accumulation,
     each chunk's partial score rounded once and summed in fp32).
@@ -77,7 +87,12 @@ def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
     dt = c.compute_dtype(A)
     A, G = c.mask_rows(A, a_mask), c.mask_rows(G, a_mask)
     V, U = c.mask_rows(V, v_mask), c.mask_rows(U, v_mask)
-    half, row = c.workspace_bytes() // 2, din * dt.itemsize   # row: one row of one gradient
+    if din > dout:      # chunks over the rows of the longer side: <GᵀA, UᵀV> = <AᵀG, VᵀU>
+        A, G, V, U, din, dout = G, A, U, V, dout, din
+    half = c.workspace_bytes() // 2
+    if A.device.type == "cpu":
+        half = min(half, SIDE_TILE)
+    row = din * dt.itemsize                                     # one row of one gradient
     nc, qc = c.chunk(N, row, half), c.chunk(Q, row, half)
     ec = max(1, half // (max(nc, qc) * row))                   # rows per chunk, evened out
     ec = -(-dout // -(-dout // ec))

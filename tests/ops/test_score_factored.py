@@ -136,6 +136,27 @@ def test_materialize_builds_each_gradient_once(monkeypatch):
         assert sum(rows) == dout * (N * tiles(Q) + Q * tiles(N)), (N, Q, rows)
 
 
+@pytest.mark.parametrize("tile,rows", [(1, 1), (6 * 12 * 3, 3), (10 ** 9, 7)])
+@pytest.mark.parametrize("din,dout", [(3, 7), (7, 3)])
+def test_materialize_cpu_side_tile_keeps_results(monkeypatch, tile, rows, din, dout):
+    """materialize on the CPU: each side's chunk of gradient rows bounded by SIDE_TILE bytes (at
+    least one row; a row at a time, chunks that do not divide the rows, all rows), the rows
+    taken along the longer of din / dout (each bmm writes rows of the shorter one). 3 rows: all
+    6 examples' rows of 3 floats (12 bytes) three times over."""
+    import sys
+    sf = sys.modules["fastinf.ops.score_factored"]
+    monkeypatch.setattr(sf, "SIDE_TILE", tile)
+    shapes = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, **k: shapes.append((a.shape, b.shape))
+                        or bmm(a, b, **k))
+    A, G, V, U = _inputs((6, 4, 5, 3, din, dout), torch.float32, "cpu")
+    am, vm = random_mask(6, 4, "cpu"), random_mask(5, 3, "cpu")
+    assert_close(sf.materialize_torch(A, G, V, U, am, vm), _ref(A, G, V, U, am, vm), 2e-5)
+    assert shapes and all(b[2] == min(din, dout) for _, b in shapes)
+    assert max(a[1] for a, _ in shapes) == rows, shapes
+
+
 def test_plan_follows_flops():
     # MLP layer: factored is cheaper; long sequences with many queries: materialize.
     dims = dict(N=100, Q=100, din=768, dout=768)
