@@ -380,6 +380,7 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
                 method, _slice(query, q1, stop, Q), batch_size, measurement_fn, group,
                 replays, q1, stacks, stop - q0, arena, **options) if q1 < stop else ())
             state = _assemble(method, items, stop - q0, stacks, arena)
+            release_heap()     # the query pass's transients, before the train pass
             yield q0, state
             del state, items, stacks
             q0 = stop
