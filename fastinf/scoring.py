@@ -373,8 +373,6 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
             stop = min(Q, q0 + qbs)
             q1 = q0 + sum(len(next(iter(recs.values()))) for i, recs in head if i == 0)
             arena.reset()
-            if q0 or group is not groups[0]:
-                release_heap()     # the last batch's (group's) scoring transients
             stacks: List[Dict[str, RecordStack]] = [{} for _ in method.terms()]
             items = itertools.chain(_drain(head), _query_records(
                 method, _slice(query, q1, stop, Q), batch_size, measurement_fn, group,
