@@ -97,7 +97,7 @@ def _shared_inputs(factors) -> dict:
     return {k: None for k, n in seen.items() if n > 1}
 
 
-def _absmax(X: torch.Tensor) -> torch.Tensor:
+def _largest_abs(X: torch.Tensor) -> torch.Tensor:
     """Largest ``|x|`` of a non-empty tensor (a 0-dim tensor; no host sync)."""
     return torch.stack(torch.aminmax(X)).abs().max()
 
@@ -334,18 +334,18 @@ class EKFAC:
                 if key in shared:   # an input several layers read: its gram and |a| once
                     if shared[key] is None:
                         shared[key] = (_add_gram(torch.zeros_like(st["A"]), A),
-                                       _absmax(A) if A.numel() else None)
+                                       _largest_abs(A) if A.numel() else None)
                     st["A"].add_(shared[key][0])
                     amax_a = shared[key][1]
                 else:
                     _add_gram(st["A"], A)
-                    amax_a = _absmax(A) if A.numel() else None
+                    amax_a = _largest_abs(A) if A.numel() else None
                 _add_gram(st["S"], G)
                 st["nA"] += ntok
                 st["nS"] += ntok
                 if A.numel():       # largest |a|, |g|: named when the layer over/underflows
                     st["amax"] = torch.maximum(st["amax"], torch.stack(
-                        [amax_a, _absmax(G)]).double())
+                        [amax_a, _largest_abs(G)]).double())
             del factors, shared
         for st in cov.values():
             dist.all_reduce_sum_(st["A"])

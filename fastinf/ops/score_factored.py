@@ -74,9 +74,9 @@ def materialize_torch(A, G, V, U, a_mask=None, v_mask=None):
     float32 [N, Q].
 
     A chunk holds all examples and all queries (tiles of them only beyond half the workspace
-    each; on the CPU beyond :data:`SIDE_TILE`), so every gradient is built once. Tiles of whole gradients rebuilt the inner side
-    once per outer tile: a 4096x4096 layer's ``D_n`` (2 per tile) Q/2 times, minutes of H200
-    time at N=8192, Q=1024. Off the CPU the GEMMs run in the inputs' dtype (fp32 accumulation,
+    each; on the CPU beyond :data:`SIDE_TILE`), so every gradient is built once. Tiles of whole
+    gradients rebuilt the inner side once per outer tile: a 4096x4096 layer's ``D_n`` (2 per
+    tile) Q/2 times, minutes of H200 time at N=8192, Q=1024. Off the CPU the GEMMs run in the inputs' dtype (fp32 accumulation,
     each chunk's partial score rounded once and summed in fp32).
     """
     N, T, din = A.shape
