@@ -21,10 +21,15 @@ void score_dense_f32(const float* A, const float* G, const float* M, const uint8
 
 int num_threads();
 
-// out[o,i] = sum_n (sum_t Gt[n,t,o] * At[n,t,i])^2 on rotated factors (At = A Q_A, Gt = G Q_S)
-// At [N,T,din], Gt [N,T,dout], a_mask [N,T], out [dout,din] (overwritten)
-void ekfac_lambda_f32(const float* At, const float* Gt, const uint8_t* a_mask, float* out,
-                      int64_t N, int64_t T, int64_t din, int64_t dout);
+// out[o,i] = sum_n (sum_{r of n} Gt[r,o] * At[r,i])^2 on the rotated kept tokens
+// (At = A Q_A, Gt = G Q_S, masked tokens dropped): At [R,din], Gt [R,dout], example n owns rows
+// offsets[n] .. offsets[n+1] (offsets [N+1], offsets[0] = 0, offsets[N] = R), out [dout,din]
+// (overwritten). chunk_rows: tokens per chunk of examples (<= 0: sized for the L2 cache);
+// isa: the best instruction set to use (0 any, 1 baseline, 2 AVX2+FMA, 3 AVX-512).
+void ekfac_lambda_f32(const float* At, const float* Gt, const int64_t* offsets, float* out,
+                      int64_t N, int64_t din, int64_t dout, int64_t chunk_rows, int isa);
+// The instruction set ekfac_lambda_f32 runs for `isa` on this CPU (1, 2 or 3; see above).
+int ekfac_lambda_isa(int isa);
 
 // Y[n] = sum_t (P_out^T G[n,t]) (P_in^T A[n,t])^T
 // A [N,T,din], G [N,T,dout], P_in [din,k_in], P_out [dout,k_out], a_mask [N,T], out [N,k_out,k_in]

@@ -169,9 +169,14 @@ def _kron_project_cpp(dtype, k_in, k_out, **_):
 
 
 def _ekfac_lambda_cpp(dtype, T, **_):
-    """C++ iff ``T <= 4``: its rank-T update per example wins for few tokens per example (3.4x
-    over naive at T=1 vs 1.5x for torch), torch's bmm tiles beyond (bench/ops/ekfac_lambda.py)."""
-    return T <= 4
+    """C++ iff ``T <= 48``: its register tiles summed example by example (kept tokens only)
+    against torch's bmm tiles of the padded examples, 2 threads, Xeon with AVX-512
+    (bench/ops/ekfac_lambda.py, 2026-12-07; ms C++ / torch): T=1 N=64 257x256 0.34 / 2.38;
+    T=8 N=64 256x256 1.61 / 2.80; T=16 N=32 129x128 0.45 / 0.55; T=48 N=32 (the d=256
+    transformer's layers, a third padded) 257x256 3.05 / 4.09, 257x1024 16.3 / 23.2, 1025x256
+    17.8 / 26.1; unpadded 688x256 13.7 / 19.2. Torch's GEMMs win from T=64 on (289x64 1.30 /
+    1.12, T=128 16x256x256 4.8 / 3.3), where the bmm's K is long enough."""
+    return T <= 48
 
 
 CPU_RULES = {"score_factored": _score_factored_cpp, "score_dense": _score_dense_cpp,

@@ -111,10 +111,41 @@ def _rotated(launch):
     return run
 
 
-@_rotated
-def _cpp(At, Gt, am, out):
-    c.require_native(OP).ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), c.ptr(am), out.data_ptr(),
-                                          *At.shape, Gt.shape[2])
+CPP_CHUNK_ROWS = 0   # tokens per chunk of examples in the C++ kernel (0: sized for its L2 cache)
+CPP_ISA = 0          # best instruction set of the C++ kernel (0 any, 1 baseline, 2 AVX2, 3 AVX-512)
+
+
+def kept_rows_rotated(A, G, QA, QS, a_mask=None):
+    """The kept tokens rotated, as rows: ``At = A Q_A`` ``[R, din]`` and ``Gt = G Q_S``
+    ``[R, dout]`` (float32, contiguous; the R unmasked tokens of all examples in order, masked
+    ones never read nor multiplied) and the example row offsets ``[N + 1]`` (int64)."""
+    N, T, din = A.shape
+    A2, G2 = A.reshape(N * T, din), G.reshape(N * T, G.shape[2])
+    if a_mask is None:
+        offs = torch.arange(0, (N + 1) * T, T, dtype=torch.int64, device=A.device)
+    else:
+        keep = a_mask.reshape(-1)
+        rows = keep.nonzero().squeeze(1)
+        if rows.numel() != keep.numel():
+            A2, G2 = A2.index_select(0, rows), G2.index_select(0, rows)
+        offs = torch.zeros(N + 1, dtype=torch.int64, device=A.device)
+        torch.cumsum(a_mask.sum(1), 0, out=offs[1:])
+    At = (A2.float() @ QA.float()).contiguous()
+    Gt = (G2.float() @ QS.float()).contiguous()
+    return At, Gt, offs
+
+
+def _cpp(A, G, QA, QS, a_mask):
+    """C++ kernel on the kept rows (:func:`kept_rows_rotated`): register tiles of Λ summed
+    example by example, no per-example tensor and no padding rows multiplied."""
+    N, din, dout = A.shape[0], A.shape[2], G.shape[2]
+    out = torch.zeros(dout, din, dtype=torch.float32, device=A.device)
+    if N == 0:
+        return out
+    At, Gt, offs = kept_rows_rotated(A, G, QA, QS, a_mask)
+    c.require_native(OP).ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), offs.data_ptr(),
+                                          out.data_ptr(), N, din, dout, CPP_CHUNK_ROWS,
+                                          CPP_ISA)
     return out
 
 

@@ -58,8 +58,8 @@ def test_cpu_backend_follows_the_cpu_rule(op, monkeypatch):
 
 def test_cpu_rules_as_measured():
     f32 = torch.float32
-    assert _dispatch.cpu_uses_cpp("ekfac_lambda", f32, N=8, T=4, din=8, dout=8)
-    assert not _dispatch.cpu_uses_cpp("ekfac_lambda", f32, N=8, T=5, din=8, dout=8)
+    assert _dispatch.cpu_uses_cpp("ekfac_lambda", f32, N=8, T=48, din=8, dout=8)
+    assert not _dispatch.cpu_uses_cpp("ekfac_lambda", f32, N=8, T=49, din=8, dout=8)
     kp = dict(N=4, T=2, din=8, dout=8, k_in=32, k_out=32)
     assert _dispatch.cpu_uses_cpp("kron_project", f32, **kp)
     assert not _dispatch.cpu_uses_cpp("kron_project", torch.bfloat16, **kp)
@@ -72,12 +72,14 @@ def test_cpu_rules_as_measured():
 
 
 def test_default_backend_on_cpu_tensors():
-    """backend=None: the CPU rule on CPU tensors, so ekfac_lambda's C++ kernel only for T <= 4."""
+    """backend=None: the CPU rule on CPU tensors, so ekfac_lambda's C++ kernel only for T <= 48."""
     skip_unusable("cpu", "cpu")
     assert _common.resolve_backend("x", None, torch.device("cpu"), torch.float32) == "cpu"
     assert _common.resolve_backend("x", None, torch.device("cpu"), torch.float64) == "reference"
     assert _dispatch.implementation("ekfac_lambda", "cpu", "auto", "cpu", torch.float32,
-                                    N=4, T=8, din=8, dout=8) == "torch"
+                                    N=4, T=64, din=128, dout=128) == "torch"
+    assert _dispatch.implementation("ekfac_lambda", "cpu", "auto", "cpu", torch.float32,
+                                    N=4, T=48, din=128, dout=128) == "cpp"
 
 
 def test_planner_interface():

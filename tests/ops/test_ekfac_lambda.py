@@ -162,3 +162,65 @@ def test_rotate_rows_zeroes_masked_rows(device):
     assert torch.equal(c.rotate_rows(x2, Q, None), x2 @ Q)
     assert torch.equal(c.rotate_rows(x, Q, torch.zeros(3, 5, dtype=torch.bool)),
                        torch.zeros(3, 5, 6, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- the C++ kernel
+# Its tiles are TM x TN = 6 x 32 (AVX-512), 6 x 16 (AVX2) or 4 x 8 (baseline), the tile columns
+# along din, or along dout where that pads less; examples are summed in chunks of whole
+# examples. Shapes: exact multiples of the tiles, one over, one under, transposed or not.
+CPP_SHAPES = [  # N, T, din, dout
+    (7, 5, 64, 48), (7, 5, 65, 48), (7, 5, 48, 65), (6, 4, 33, 7), (5, 3, 257, 31),
+    (4, 6, 31, 257), (3, 9, 1, 1), (9, 2, 17, 96), (2, 1, 96, 17),
+]
+
+
+def _isas():
+    C = pytest.importorskip("fastinf._C", reason="the compiled module is not built")
+    return {isa: C.ekfac_lambda_cpu_isa(isa) for isa in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("isa", [1, 2, 3], ids=["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", CPP_SHAPES)
+@pytest.mark.parametrize("chunk_rows", [0, 1, 7])
+def test_cpp_kernel_isas_tiles_and_chunks(monkeypatch, isa, shape, chunk_rows):
+    if not _usable("cpp"):
+        pytest.skip("the C++ kernels are not built")
+    got = _isas()[isa]
+    if got != isa:
+        pytest.skip(f"this CPU cannot run instruction set {isa} (the kernel would run {got})")
+    import importlib
+    mod = importlib.import_module("fastinf.ops.ekfac_lambda")
+    monkeypatch.setattr(mod, "CPP_ISA", isa)
+    monkeypatch.setattr(mod, "CPP_CHUNK_ROWS", chunk_rows)  # 1: every example its own chunk
+    A, G, QA, QS, m = _inputs(*shape, mask=True)
+    m[-1, 1:] = False                   # a short example next to full ones
+    ref = _brute(A, G, QA, QS, m)
+    out = ekfac_lambda(A.float(), G.float(), QA.float(), QS.float(), a_mask=m, backend="cpp")
+    _check(out, ref, torch.float32)
+    A = torch.nan_to_num(A)             # no mask: the masked example's NaN would be read
+    out = ekfac_lambda(A.float(), G.float(), QA.float(), QS.float(), backend="cpp")
+    _check(out, _brute(A, G, QA, QS, None), torch.float32)
+
+
+def test_cpp_kernel_all_masked_and_empty():
+    if not _usable("cpp"):
+        pytest.skip("the C++ kernels are not built")
+    A, G, QA, QS, _ = _inputs(4, 3, 40, 20)
+    m = torch.zeros(4, 3, dtype=torch.bool)
+    A[:] = float("nan")                 # never read: every token masked
+    out = ekfac_lambda(A.float(), G.float(), QA.float(), QS.float(), a_mask=m, backend="cpp")
+    assert out.shape == (20, 40) and bool((out == 0).all())
+    out = ekfac_lambda(A[:0].float(), G[:0].float(), QA.float(), QS.float(), backend="cpp")
+    assert out.shape == (20, 40) and bool((out == 0).all())
+
+
+def test_kept_rows_rotated_offsets():
+    import importlib
+    mod = importlib.import_module("fastinf.ops.ekfac_lambda")
+    A, G, QA, QS, m = _inputs(5, 4, 6, 3, mask=True)
+    At, Gt, offs = mod.kept_rows_rotated(A, G, QA, QS, m)
+    assert offs.tolist() == [0] + m.sum(1).cumsum(0).tolist()
+    torch.testing.assert_close(At.double(), (A[m] @ QA), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Gt.double(), (G[m] @ QS), rtol=1e-5, atol=1e-5)
+    At, Gt, offs = mod.kept_rows_rotated(A, G, QA, QS, None)
+    assert offs.tolist() == list(range(0, 21, 4)) and At.shape == (20, 6)
