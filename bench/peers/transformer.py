@@ -12,7 +12,9 @@ padding mask. Measured per case: fit, exact pairwise (all queries), rank-32 pair
 ``query_rank=32`` vs Kronfluence ``ScoreArguments(query_gradient_low_rank=32)``), self-scores; Spearman
 of the scores; fit cost in plain forward+backward passes over the train set.
 
-Every (library, step) runs in its own subprocess (factors saved to / loaded from disk outside the
+The fit and the plain pass run ``--repeat`` times (default 3) in fresh processes per library and
+the run of median time is reported (all runs' seconds in the CSV's ``runs`` column): on a shared
+VM one fresh-process fit varies by up to ±30%. Every (library, step) runs in its own subprocess (factors saved to / loaded from disk outside the
 timed region, except that Kronfluence's own API loads its factors and saves its scores inside its
 calls), and its peak RSS is the child's ``ru_maxrss`` (``os.wait4``), so runs do not contaminate
 each other. "setup" is the child's peak RSS before the step (imports, model, data); "step" is the
@@ -167,7 +169,7 @@ def spearman(a, b) -> float:
     return float(spearmanr(a.flatten().numpy(), b.flatten().numpy())[0])
 
 
-def run_case(case, s, timeout, dev_name, rows, table):
+def run_case(case, s, timeout, dev_name, rows, table, repeat=3):
     with tempfile.TemporaryDirectory(prefix=f"fastinf_bench_{case}_") as tmp:
         work = Path(tmp)
         model = M.build_model(case, s)
@@ -181,12 +183,23 @@ def run_case(case, s, timeout, dev_name, rows, table):
         del model
 
         def go(lib, step=None):
-            t = time.time()
-            r = run_child(dict(work=str(work), case=case, shapes=s.__dict__, lib=lib, step=step),
-                          timeout)
-            print(f"  {case:>11} {lib:>11} {step or 'fwd+bwd':>16}: {r['seconds']:8.3f} s, peak RSS "
-                  f"{r['peak_mib']:7.0f} MiB (setup {r['setup_mib']:6.0f}) [{time.time() - t:.0f} s]",
-                  flush=True)
+            """One step in fresh processes: ``repeat`` runs for the fit and the plain pass (their
+            times swing by up to ±30% from process to process on a shared VM), one for the
+            scoring steps; the run of median time is kept, with every run's seconds in
+            ``runs`` and the largest peak RSS of them."""
+            n = repeat if step in (None, "fit") else 1
+            runs = []
+            for _ in range(n):
+                t = time.time()
+                r = run_child(dict(work=str(work), case=case, shapes=s.__dict__, lib=lib,
+                                   step=step), timeout)
+                print(f"  {case:>11} {lib:>11} {step or 'fwd+bwd':>16}: {r['seconds']:8.3f} s, "
+                      f"peak RSS {r['peak_mib']:7.0f} MiB (setup {r['setup_mib']:6.0f}) "
+                      f"[{time.time() - t:.0f} s]", flush=True)
+                runs.append(r)
+            r = dict(sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2])
+            r["runs"] = [x["seconds"] for x in runs]
+            r["peak_mib"] = max(x["peak_mib"] for x in runs)
             return r
 
         plain = go("plain")
@@ -200,21 +213,25 @@ def run_case(case, s, timeout, dev_name, rows, table):
               f"{info['trainable_params']:,} trainable parameters): {', '.join(info['tracked'][:6])}"
               f"{' ...' if len(info['tracked']) > 6 else ''}")
 
-        def row(metric, fi, kr, ratio=True):
+        def row(metric, fi, kr, ratio=True, runs=None):
             r = dict(device=dev_name, case=f"{case}_lm", metric=metric, fastinf=f"{fi:.4f}",
                      peer="" if kr is None else f"{kr:.4f}",
                      ratio=f"{fi / kr:.4f}" if ratio and kr else "", peer_name="kronfluence",
-                     shapes=shape_txt)
+                     shapes=shape_txt, runs=runs or "")
             rows.append(r)
             table.append((case, metric, fi, kr, fi / kr if ratio and kr else None))
 
         for step in STEPS:
             fi, kr = res[step]
-            row(f"{step}_seconds", fi["seconds"], kr["seconds"])
+            runs = (f"median of {len(fi['runs'])}: fastinf "
+                    + " ".join(f"{x:.3f}" for x in fi["runs"]) + " / kronfluence "
+                    + " ".join(f"{x:.3f}" for x in kr["runs"])) if len(fi["runs"]) > 1 else None
+            row(f"{step}_seconds", fi["seconds"], kr["seconds"], runs=runs)
             row(f"{step}_peak_rss_mib", fi["peak_mib"], kr["peak_mib"])
             row(f"{step}_step_rss_mib", fi["peak_mib"] - fi["setup_mib"],
                 kr["peak_mib"] - kr["setup_mib"])
-        row("plain_fwd_bwd_pass_seconds", plain["seconds"], None)
+        row("plain_fwd_bwd_pass_seconds", plain["seconds"], None,
+            runs=" ".join(f"{x:.3f}" for x in plain["runs"]) if len(plain["runs"]) > 1 else None)
         row("fit_in_fwd_bwd_passes", res["fit"][0]["seconds"] / plain["seconds"],
             res["fit"][1]["seconds"] / plain["seconds"])
         ld = {f"{lib}_{st}": torch.load(work / f"{lib}_{st}.pt") for lib in ("fastinf", "kronfluence")
@@ -236,6 +253,8 @@ def main():
                    + ",".join(M.CASES))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per step subprocess")
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to the CSV")
+    p.add_argument("--repeat", type=int, default=3, help="fresh-process runs of the fit and of "
+                   "the plain pass per library (the median is reported; scoring steps run once)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -264,7 +283,7 @@ def main():
           f"shapes: {s.describe()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows, table = [], []
     for case in cases:
-        run_case(case, s, a.timeout, dev_name, rows, table)
+        run_case(case, s, a.timeout, dev_name, rows, table, max(1, a.repeat))
     print(f"\nload average {os.getloadavg()[0]:.1f} at end (timings taken on a shared machine if > "
           f"{os.cpu_count()})\n")
     print(f"{'case':<12}{'metric':<32}{'fastinf':>12}{'kronfluence':>13}{'ratio':>9}")
