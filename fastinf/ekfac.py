@@ -88,13 +88,39 @@ def _input_key(lb: LayerBatch):
     return (A.data_ptr(), tuple(A.shape), A.stride(), A.dtype, A.device)
 
 
-def _shared_inputs(factors) -> dict:
-    """``{input key: None}`` for the inputs more than one layer of a batch reads."""
-    seen: dict = {}
-    for lb in factors.values():
-        k = _input_key(lb)
-        seen[k] = seen.get(k, 0) + 1
-    return {k: None for k, n in seen.items() if n > 1}
+def _rows_of(X: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rows ``rows`` (None: all, a view) of ``X [B, T, d]`` flattened to ``[B·T, d]``."""
+    X2 = X.reshape(-1, X.shape[-1])
+    return X2 if rows is None else X2.index_select(0, rows)
+
+
+def _kept_rows(factors) -> dict:
+    """``{name: (A [R, din], G [R, dout], offsets [B + 1])}``: a batch's captured tokens without
+    the masked (padding) ones, as :func:`fastinf.ops.ekfac_lambda` takes them with ``offsets=``.
+    Layers reading one input (an attention's q, k, v) share one copy of its rows; an unmasked
+    batch gives views, not copies. The fit sums its covariances over these rows and keeps them
+    for Λ: no FLOPs and no kept bytes for padding."""
+    out, shared = {}, {}
+    for name, lb in factors.items():
+        B, T = lb.A.shape[:2]
+        m = None if lb.mask is None or bool(lb.mask.all()) else lb.mask
+        if m is None:
+            rows, offs = None, torch.arange(0, (B + 1) * T, T, dtype=torch.int64,
+                                            device=lb.A.device)
+        else:
+            rows = m.reshape(-1).nonzero().squeeze(1)
+            offs = torch.zeros(B + 1, dtype=torch.int64, device=lb.A.device)
+            torch.cumsum(m.sum(1), 0, out=offs[1:])
+        key = _input_key(lb)
+        hit = shared.get(key)
+        if hit is not None and ((hit[0] is None and rows is None) or (
+                hit[0] is not None and rows is not None and torch.equal(hit[0], rows))):
+            A2 = hit[1]
+        else:
+            A2 = _rows_of(lb.A, rows)
+            shared[key] = (rows, A2)
+        out[name] = (A2, _rows_of(lb.G, rows), offs)
+    return out
 
 
 def _largest_abs(X: torch.Tensor) -> torch.Tensor:
@@ -137,9 +163,14 @@ def _token_budget(token_memory, device) -> float:
     return float(token_memory)
 
 
-def _held_bytes(lb: LayerBatch) -> int:
-    """Bytes a kept ``LayerBatch`` holds alive (whole storages: a view keeps its base)."""
-    return sum(x.untyped_storage().nbytes() for x in (lb.A, lb.G, lb.mask) if x is not None)
+def _held_bytes(rows: dict) -> int:
+    """Bytes a kept batch of :func:`_kept_rows` holds alive (whole storages, each once: a view
+    keeps its base, layers reading one input share its rows)."""
+    seen = {}
+    for A, G, offs in rows.values():
+        for x in (A, G, offs):
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def _check_budget(max_factor_memory):
@@ -294,7 +325,8 @@ class EKFAC:
         """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ.
 
         The eigenvalue correction needs every example's tokens again, rotated into the new
-        eigenbases. The tokens captured by the covariance pass are kept for it, batch after
+        eigenbases. The tokens captured by the covariance pass are kept for it (the unmasked
+        ones only, as rows: padding costs neither covariance FLOPs nor kept bytes), batch after
         batch, while they fit in ``token_memory`` bytes (None: the smaller of 2 GiB and an
         eighth of the device's memory; 0: keep none); a second forward+backward pass runs only
         over the batches that did not fit (none when all did). The factors are the same either
@@ -318,25 +350,28 @@ class EKFAC:
                              amax=torch.zeros(2, dtype=torch.float64, device=dev))
         for offset, factors in self._pass(train, batch_size, self.fisher_loss_fn,
                                           "EK-FAC covariances", self._fisher_arg, "train", select):
+            rows = _kept_rows(factors)      # padding dropped: the captured tensors are freed
+            del factors
             if start is None:
-                keep_left -= sum(_held_bytes(lb) for lb in factors.values())
+                keep_left -= _held_bytes(rows)
                 if keep_left >= 0:
-                    kept.append(factors)
+                    kept.append(rows)
                 else:
                     start = offset
-            shared = _shared_inputs(factors)
-            for name, lb in factors.items():
+            readers: dict = {}
+            for A0, _, _ in rows.values():
+                readers[id(A0)] = readers.get(id(A0), 0) + 1
+            shared: dict = {}   # an input several layers read: its gram and |a| once
+            for name, (A0, G0, _) in rows.items():
                 st = cov[name]
-                A = lb.A.reshape(-1, lb.din).to(dt)
-                G = lb.G.reshape(-1, lb.dout).to(dt)
-                ntok = A.shape[0] if lb.mask is None else int(lb.mask.sum())
-                key = _input_key(lb)
-                if key in shared:   # an input several layers read: its gram and |a| once
-                    if shared[key] is None:
-                        shared[key] = (_add_gram(torch.zeros_like(st["A"]), A),
-                                       _largest_abs(A) if A.numel() else None)
-                    st["A"].add_(shared[key][0])
-                    amax_a = shared[key][1]
+                A, G = A0.to(dt), G0.to(dt)
+                ntok = A.shape[0]
+                if readers[id(A0)] > 1:
+                    if id(A0) not in shared:
+                        shared[id(A0)] = (_add_gram(torch.zeros_like(st["A"]), A),
+                                          _largest_abs(A) if A.numel() else None)
+                    st["A"].add_(shared[id(A0)][0])
+                    amax_a = shared[id(A0)][1]
                 else:
                     _add_gram(st["A"], A)
                     amax_a = _largest_abs(A) if A.numel() else None
@@ -346,7 +381,7 @@ class EKFAC:
                 if A.numel():       # largest |a|, |g|: named when the layer over/underflows
                     st["amax"] = torch.maximum(st["amax"], torch.stack(
                         [amax_a, _largest_abs(G)]).double())
-            del factors, shared
+            del rows, shared, readers
         for st in cov.values():
             dist.all_reduce_sum_(st["A"])
             dist.all_reduce_sum_(st["S"])
@@ -374,12 +409,12 @@ class EKFAC:
                                 lam=torch.zeros(QS.shape[0], QA.shape[0], dtype=dt, device=dev))
         del cov, done
 
-        def correct(factors):
-            for name, lb in factors.items():
+        def correct(rows):
+            for name, (A, G, offs) in rows.items():
                 L = layers[name]
-                L["lam"] += ekfac_lambda(lb.A.to(dt), lb.G.to(dt), L["QA"], L["QS"],
-                                         a_mask=lb.mask).to(dt)
-            return next(iter(factors.values())).A.shape[0]
+                L["lam"] += ekfac_lambda(A.to(dt), G.to(dt), L["QA"], L["QS"],
+                                         offsets=offs).to(dt)
+            return next(iter(rows.values()))[2].numel() - 1
 
         n = 0
         kept.reverse()
@@ -389,7 +424,7 @@ class EKFAC:
             for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
                                          "EK-FAC eigenvalue correction", self._fisher_arg,
                                          "train", select, start):
-                n += correct(factors)
+                n += correct(_kept_rows(factors))
         n = dist.all_reduce_int(n)
         for name, L in layers.items():
             dist.all_reduce_sum_(L["lam"])

@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import fastinf
+from fastinf.ekfac import _held_bytes, _kept_rows
 from fastinf.capture import NonFiniteError
 
 torch.set_default_dtype(torch.float32)
@@ -244,8 +245,7 @@ def test_kept_tokens_give_the_factors_of_two_passes(kind):
         if memory == 1:   # room for the first batch only
             probe = fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False)
             first = next(probe._pass(train, bs, loss_fn, "", "loss_fn", "train"))[1]
-            memory = sum(x.untyped_storage().nbytes() for lb in first.values()
-                         for x in (lb.A, lb.G, lb.mask) if x is not None)
+            memory = _held_bytes(_kept_rows(first))  # what fit keeps: padding dropped
         ek.fit(train, batch_size=bs, token_memory=memory)
         fits.append((ek, sum(seen)))
     (ref, two), (one_pass, one), (part, some) = fits
@@ -291,6 +291,26 @@ def test_layers_sharing_an_input_share_its_eigendecomposition(monkeypatch):
         assert rel(ek.factors[n]["lam"], fac[n]["lam"]) < 1e-6
     assert torch.equal(ek.factors["q"]["QA"], ek.factors["k"]["QA"])
     assert ek.factors["q"]["QA"] is not ek.factors["k"]["QA"]
+
+
+def test_fit_keeps_only_unmasked_rows_shared_once():
+    """The fit sums and keeps the kept tokens only (padding dropped), one copy of an input that
+    several layers read, with the offsets the ekfac_lambda op takes; unmasked batches are views."""
+    from fastinf.layers import LayerBatch
+    A = torch.randn(3, 4, 6)
+    m = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    A.masked_fill_(~m[..., None], 0)
+    G1, G2 = torch.randn(3, 4, 2), torch.randn(3, 4, 5)
+    rows = _kept_rows({"q": LayerBatch(A, G1, m.clone()), "k": LayerBatch(A, G2, m.clone()),
+                       "o": LayerBatch(A.clone(), G2, None)})
+    (Aq, Gq, oq), (Ak, Gk, ok), (Ao, Go, oo) = rows["q"], rows["k"], rows["o"]
+    assert Aq is Ak and torch.equal(Aq, A[m]) and torch.equal(Gq, G1[m]) and torch.equal(Gk, G2[m])
+    assert oq.tolist() == ok.tolist() == [0, 4, 6, 6]
+    assert oo.tolist() == [0, 4, 8, 12] and Ao.shape == (12, 6)
+    assert Ao.untyped_storage().data_ptr() == rows["o"][0].untyped_storage().data_ptr()
+    # bytes: q's and k's shared A rows once (6 x 6), their G rows (6 x 2, 6 x 5), o's A and G
+    # whole (views of the captured [3, 4, ·] tensors), three int64 offsets [4]
+    assert _held_bytes(rows) == 4 * (6 * 6 + 6 * 2 + 6 * 5) + 4 * (12 * 6 + 12 * 5) + 3 * 8 * 4
 
 
 @pytest.mark.parametrize("d", [7, 255, 256, 601, 1025])

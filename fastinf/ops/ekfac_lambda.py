@@ -115,38 +115,68 @@ CPP_CHUNK_ROWS = 0   # tokens per chunk of examples in the C++ kernel (0: sized 
 CPP_ISA = 0          # best instruction set of the C++ kernel (0 any, 1 baseline, 2 AVX2, 3 AVX-512)
 
 
+def kept_rows(A, G, a_mask=None):
+    """The kept tokens as rows: ``A [R, din]``, ``G [R, dout]`` (the R unmasked tokens of all
+    examples, in order; views when nothing is masked) and the example row offsets ``[N + 1]``
+    (int64), the ``offsets=`` form of :func:`ekfac_lambda`."""
+    N, T, din = A.shape
+    A2, G2 = A.reshape(N * T, din), G.reshape(N * T, G.shape[2])
+    if a_mask is None:
+        return A2, G2, torch.arange(0, (N + 1) * T, T, dtype=torch.int64, device=A.device)
+    keep = a_mask.reshape(-1)
+    rows = keep.nonzero().squeeze(1)
+    if rows.numel() != keep.numel():
+        A2, G2 = A2.index_select(0, rows), G2.index_select(0, rows)
+    offs = torch.zeros(N + 1, dtype=torch.int64, device=A.device)
+    torch.cumsum(a_mask.sum(1), 0, out=offs[1:])
+    return A2, G2, offs
+
+
+def padded(A, G, offsets):
+    """The ``offsets=`` form back as ``[N, T, ·]`` examples padded with zeros to the longest
+    (T = 1 when all are empty) and their ``[N, T]`` mask."""
+    N = offsets.numel() - 1
+    counts = offsets[1:] - offsets[:-1]
+    T = max(1, int(counts.max())) if N else 1
+    mask = torch.arange(T, device=A.device)[None, :] < counts[:, None].to(A.device)
+    A3 = A.new_zeros(N, T, A.shape[1])
+    G3 = G.new_zeros(N, T, G.shape[1])
+    A3[mask] = A
+    G3[mask] = G
+    return A3, G3, mask
+
+
 def kept_rows_rotated(A, G, QA, QS, a_mask=None):
     """The kept tokens rotated, as rows: ``At = A Q_A`` ``[R, din]`` and ``Gt = G Q_S``
     ``[R, dout]`` (float32, contiguous; the R unmasked tokens of all examples in order, masked
     ones never read nor multiplied) and the example row offsets ``[N + 1]`` (int64)."""
-    N, T, din = A.shape
-    A2, G2 = A.reshape(N * T, din), G.reshape(N * T, G.shape[2])
-    if a_mask is None:
-        offs = torch.arange(0, (N + 1) * T, T, dtype=torch.int64, device=A.device)
-    else:
-        keep = a_mask.reshape(-1)
-        rows = keep.nonzero().squeeze(1)
-        if rows.numel() != keep.numel():
-            A2, G2 = A2.index_select(0, rows), G2.index_select(0, rows)
-        offs = torch.zeros(N + 1, dtype=torch.int64, device=A.device)
-        torch.cumsum(a_mask.sum(1), 0, out=offs[1:])
-    At = (A2.float() @ QA.float()).contiguous()
-    Gt = (G2.float() @ QS.float()).contiguous()
-    return At, Gt, offs
+    A2, G2, offs = kept_rows(A, G, a_mask)
+    return _rotate_rows(A2, G2, QA, QS) + (offs,)
 
 
-def _cpp(A, G, QA, QS, a_mask):
-    """C++ kernel on the kept rows (:func:`kept_rows_rotated`): register tiles of Λ summed
+def _rotate_rows(A2, G2, QA, QS):
+    return (A2.float() @ QA.float()).contiguous(), (G2.float() @ QS.float()).contiguous()
+
+
+def _cpp_rows(A2, G2, QA, QS, offs):
+    """C++ kernel on kept rows ``[R, ·]`` with example offsets: register tiles of Λ summed
     example by example, no per-example tensor and no padding rows multiplied."""
-    N, din, dout = A.shape[0], A.shape[2], G.shape[2]
-    out = torch.zeros(dout, din, dtype=torch.float32, device=A.device)
-    if N == 0:
+    N, din, dout = offs.numel() - 1, A2.shape[1], G2.shape[1]
+    out = torch.zeros(dout, din, dtype=torch.float32, device=A2.device)
+    if N == 0 or A2.shape[0] == 0:
         return out
-    At, Gt, offs = kept_rows_rotated(A, G, QA, QS, a_mask)
+    At, Gt = _rotate_rows(A2, G2, QA, QS)
+    offs = offs.to(torch.int64).contiguous()
     c.require_native(OP).ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), offs.data_ptr(),
                                           out.data_ptr(), N, din, dout, CPP_CHUNK_ROWS,
                                           CPP_ISA)
     return out
+
+
+def _cpp(A, G, QA, QS, a_mask):
+    """C++ kernel on the kept rows (:func:`kept_rows`)."""
+    A2, G2, offs = kept_rows(A, G, a_mask)
+    return _cpp_rows(A2, G2, QA, QS, offs)
 
 
 @_rotated
@@ -215,9 +245,41 @@ def validate(A, G, QA, QS, a_mask=None):
     return N, T, din, dout
 
 
+def validate_rows(A, G, QA, QS, offsets, a_mask=None):
+    """Checks the ``offsets=`` form of :func:`ekfac_lambda`; returns ``(N, T, din, dout)``
+    with T the most tokens of an example."""
+    if a_mask is not None:
+        raise ValueError(f"{OP}: pass either 'a_mask' (A [N, T, din]) or 'offsets' (A [R, din], "
+                         "the kept tokens only), not both")
+    c.check_tensor(OP, "A", A, ("R", "din"))
+    c.check_tensor(OP, "G", G, ("R", "dout"))
+    c.check_same(OP, {"A": A, "G": G})
+    c.check_dim(OP, "G", G, 0, A.shape[0], "from A", ("R", "dout"))
+    if (not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 1
+            or offsets.dtype not in (torch.int32, torch.int64)):
+        raise TypeError(f"{OP}: argument 'offsets' must be a 1-D int64 tensor [N + 1] of row "
+                        f"offsets, got {getattr(offsets, 'dtype', type(offsets).__name__)} of "
+                        f"shape {tuple(getattr(offsets, 'shape', ()))}")
+    o = offsets.cpu()
+    if int(o[0]) != 0 or int(o[-1]) != A.shape[0] or bool((o[1:] < o[:-1]).any()):
+        raise ValueError(f"{OP}: argument 'offsets' must rise from 0 to the row count of A "
+                         f"({A.shape[0]}), got {o.tolist()[:8]}{' ...' if o.numel() > 8 else ''}")
+    din, dout = A.shape[1], G.shape[1]
+    for name, q, d in (("QA", QA, din), ("QS", QS, dout)):
+        c.check_tensor(OP, name, q, (name[1:].lower(), name[1:].lower()))
+        if q.device != A.device:
+            raise ValueError(f"{OP}: arguments 'A' and '{name}' are on different devices "
+                             f"({A.device} and {q.device})")
+        c.check_dim(OP, name, q, 0, d, "from " + ("A" if name == "QA" else "G"), ("d", "d"))
+        c.check_dim(OP, name, q, 1, d, "from " + ("A" if name == "QA" else "G"), ("d", "d"))
+    N = o.numel() - 1
+    T = int((o[1:] - o[:-1]).max()) if N else 0
+    return N, T, din, dout
+
+
 def ekfac_lambda(A: torch.Tensor, G: torch.Tensor, QA: torch.Tensor, QS: torch.Tensor, *,
-                 a_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                 contraction: Optional[str] = None,
+                 a_mask: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None, contraction: Optional[str] = None,
                  check_finite: Optional[bool] = None) -> torch.Tensor:
     """EK-FAC eigenvalue correction of a batch, summed over its examples.
 
@@ -229,6 +291,11 @@ def ekfac_lambda(A: torch.Tensor, G: torch.Tensor, QA: torch.Tensor, QS: torch.T
         QA: ``[din, din]`` eigenvectors of the input covariance (columns).
         QS: ``[dout, dout]`` eigenvectors of the gradient covariance (columns).
         a_mask: ``[N, T]`` bool, False for tokens that contribute nothing (padding).
+        offsets: instead of ``a_mask``, the kept tokens only: ``A [R, din]`` and ``G [R, dout]``
+            hold the R kept tokens of all examples in order, example n the rows
+            ``offsets[n] .. offsets[n+1]`` (int64 ``[N + 1]``, from 0 to R; see
+            :func:`kept_rows`). The C++ kernel reads them as they are; the other backends pad
+            them back to ``[N, T, ·]`` with a mask.
         backend: one of ``fastinf.ops.BACKENDS`` or None (see the package doc): ``"cpu"`` runs
             the C++ kernel where it measured faster and torch otherwise, ``"cpp"`` forces it.
         contraction: ``"rotate"``, ``"materialize"`` or None to let the cost model choose.
@@ -239,9 +306,28 @@ def ekfac_lambda(A: torch.Tensor, G: torch.Tensor, QA: torch.Tensor, QS: torch.T
     Inputs are float32, float16 or bfloat16 (float64 with ``backend="reference"``); QA/QS may be
     of any float dtype. The result is float32 ``[dout, din]`` (float64 for float64 inputs).
     """
+    if offsets is not None:
+        return _rows_form(A, G, QA, QS, offsets, a_mask, backend, contraction, check_finite)
     validate(A, G, QA, QS, a_mask)
     contraction = c.check_contraction(OP, contraction, CONTRACTIONS)
     backend = c.resolve_backend(OP, backend, A.device, A.dtype)
     A, G, QA, QS = (x.detach() for x in (A, G, QA, QS))
     out = c.dispatch(_ekfac_lambda_op, _run, A, G, QA, QS, a_mask, backend, contraction)
     return c.check_result(OP, out, check_finite, {"A": A, "G": G}, {"A": a_mask, "G": a_mask})
+
+
+def _rows_form(A, G, QA, QS, offsets, a_mask, backend, contraction, check_finite):
+    """:func:`ekfac_lambda` with ``offsets=``: the C++ kernel where the dispatch picks it,
+    else the padded form through the usual path."""
+    N, T, din, dout = validate_rows(A, G, QA, QS, offsets, a_mask)
+    backend = c.resolve_backend(OP, backend, A.device, A.dtype)
+    A, G, QA, QS = (x.detach() for x in (A, G, QA, QS))
+    impl = d.implementation(OP, backend, c.check_contraction(OP, contraction, CONTRACTIONS),
+                            A.device.type, A.dtype, N=N, T=max(T, 1), din=din, dout=dout)
+    if impl == "cpp":
+        out = _cpp_rows(A, G, QA, QS, offsets.to(A.device))
+        if not c.has_nonfinite(out, check_finite):
+            return out
+    A3, G3, mask = padded(A, G, offsets.to(A.device))
+    return ekfac_lambda(A3, G3, QA, QS, a_mask=mask, backend=backend, contraction=contraction,
+                        check_finite=check_finite)

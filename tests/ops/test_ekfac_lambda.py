@@ -224,3 +224,44 @@ def test_kept_rows_rotated_offsets():
     torch.testing.assert_close(Gt.double(), (G[m] @ QS), rtol=1e-5, atol=1e-5)
     At, Gt, offs = mod.kept_rows_rotated(A, G, QA, QS, None)
     assert offs.tolist() == list(range(0, 21, 4)) and At.shape == (20, 6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_offsets_form_equals_masked_form(backend, shape):
+    """``offsets=``: the kept tokens as rows (what the EK-FAC fit keeps) give the masked form's Λ."""
+    if backend != "reference" and not _usable(backend):
+        pytest.skip(f"{backend} not usable here")
+    import importlib
+    mod = importlib.import_module("fastinf.ops.ekfac_lambda")
+    A, G, QA, QS, m = _inputs(*shape, mask=True)
+    A2, G2, offs = mod.kept_rows(A, G, m)
+    assert A2.shape[0] == int(m.sum()) and bool(torch.isfinite(A2).all())  # masked NaN dropped
+    dt = torch.float64 if backend == "reference" else torch.float32
+    out = ekfac_lambda(A2.to(dt), G2.to(dt), QA.to(dt), QS.to(dt), offsets=offs, backend=backend)
+    _check(out.float(), _brute(A, G, QA, QS, m), torch.float32)
+    A3, G3, m3 = mod.padded(A2, G2, offs)      # and back
+    assert torch.equal(m3.sum(1), m.sum(1)) and torch.equal(A3[m3], A2)
+
+
+def test_offsets_form_validation():
+    A, G, QA, QS, m = _inputs(3, 4, 5, 6, mask=True)
+    import importlib
+    mod = importlib.import_module("fastinf.ops.ekfac_lambda")
+    A2, G2, offs = mod.kept_rows(A.float(), G.float(), m)
+    QA, QS = QA.float(), QS.float()
+    with pytest.raises(ValueError, match="either 'a_mask'.*or 'offsets'"):
+        ekfac_lambda(A2, G2, QA, QS, offsets=offs, a_mask=m)
+    with pytest.raises(TypeError, match="'offsets'.*int64"):
+        ekfac_lambda(A2, G2, QA, QS, offsets=offs.float())
+    with pytest.raises(ValueError, match="'offsets' must rise from 0 to the row count"):
+        ekfac_lambda(A2, G2, QA, QS, offsets=offs + 1)
+    with pytest.raises(ValueError, match="'A' must have 2 dimensions"):
+        ekfac_lambda(A.float(), G.float(), QA, QS, offsets=offs)
+    with pytest.raises(ValueError, match="'G'"):
+        ekfac_lambda(A2, G2[1:], QA, QS, offsets=offs)
+    with pytest.raises(ValueError, match="'QS'"):
+        ekfac_lambda(A2, G2, QA, QA, offsets=offs)
+    A2[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'A'.*non-finite"):
+        ekfac_lambda(A2, G2, QA, QS, offsets=offs)
