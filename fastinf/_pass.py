@@ -28,7 +28,7 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
                 batch_size: int, *, token_mask_fn: Optional[Callable] = None,
                 desc: str = "fastinf", progress: bool = True, what: str = "loss_fn",
                 name: str = "data", select: Optional[Callable[[int], bool]] = None,
-                start: int = 0, replay=None, base: int = 0
+                start: int = 0, replay=None, base: int = 0, zero_masked: bool = True
                 ) -> Iterator[Tuple[int, Dict[str, LayerBatch]]]:
     """Yields ``(offset, {module: LayerBatch})`` for every batch of ``data``, in order.
 
@@ -37,7 +37,8 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
     splits, see :mod:`fastinf.distributed`), and so does ``start`` for the batches before the
     example offset ``start`` (already captured). ``replay``: a
     :class:`fastinf.replay.BlockReplay` of this data (batches keyed ``base + offset``) that
-    replays the recorded batches where it can and records the others.
+    replays the recorded batches where it can and records the others. ``zero_masked``: see
+    :func:`fastinf.capture.capture`.
     """
     n = num_examples(data, name)
     if n == 0:
@@ -60,6 +61,6 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
             if factors is None:
                 factors = capture(model, loss_fn, batch, modules, token_mask=mask, offset=offset,
                                   what=what, record=None if replay is None
-                                  else replay.recorder(base + offset))
+                                  else replay.recorder(base + offset), zero_masked=zero_masked)
             yield offset, factors
             bar.update(next(iter(factors.values())).A.shape[0])

@@ -326,7 +326,8 @@ def _batch_size(inputs, modules, what) -> int:
 
 def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Module], *,
             token_mask: Optional[torch.Tensor] = None, offset: int = 0,
-            what: str = "loss_fn", check_finite: bool = True, record=None) -> Dict[str, LayerBatch]:
+            what: str = "loss_fn", check_finite: bool = True, record=None,
+            zero_masked: bool = True) -> Dict[str, LayerBatch]:
     """Runs ``loss_fn(model, batch)`` and returns ``{name: LayerBatch}`` for the tracked modules.
 
     ``token_mask`` ``[B, T]`` (bool) applies to every call of a tracked module that sees T tokens
@@ -335,7 +336,9 @@ def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Mo
     keeps it unmasked; any other token count is an error naming the module and the shapes.
     ``offset`` is the dataset index of the batch's first example, used in error messages.
     ``record``: a :class:`fastinf.replay.BlockRecorder` that keeps the blocks' inputs and
-    output gradients of this batch (:mod:`fastinf.replay`).
+    output gradients of this batch (:mod:`fastinf.replay`). ``zero_masked=False`` leaves the
+    excluded tokens of A and G as they are (only ``mask`` marks them), for a consumer that
+    drops them itself (the EK-FAC fit keeps the unmasked rows only): no masked copies.
     """
     with recording(modules) as (inputs, outputs), \
             (record.watch() if record is not None else contextlib.nullcontext()):
@@ -349,11 +352,12 @@ def capture(model: nn.Module, loss_fn: Callable, batch, modules: Dict[str, nn.Mo
     grads = torch.autograd.grad(losses.sum(), flat + extra, allow_unused=True)
     if record is not None:
         record.keep(grads[len(flat):])
-    return collect(modules, names, inputs, outputs, grads, token_mask, offset, what, check_finite)
+    return collect(modules, names, inputs, outputs, grads, token_mask, offset, what, check_finite,
+                   zero_masked)
 
 
 def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, what: str,
-            check_finite: bool = True) -> Dict[str, LayerBatch]:
+            check_finite: bool = True, zero_masked: bool = True) -> Dict[str, LayerBatch]:
     """``{name: LayerBatch}`` from the recorded inputs, outputs and the gradients w.r.t. the
     outputs (``grads``, in the order of ``names`` and their calls), masked and checked."""
     B = _batch_size(inputs, modules, what)
@@ -378,7 +382,7 @@ def collect(modules, names, inputs, outputs, grads, token_mask, offset: int, wha
                               for a, m in zip(As, masks)], dim=1)
         A = torch.cat(As, dim=1) if len(As) > 1 else As[0]
         G = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
-        if mask is not None:
+        if mask is not None and zero_masked:
             # in place where the tensor is this capture's own (G always: fresh gradients; A when
             # built here: a bias column, unfolded patches, several calls), else a masked copy
             # (A a view of the module's input, which other modules and autograd still read)

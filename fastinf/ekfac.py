@@ -281,10 +281,12 @@ class EKFAC:
                 return torch.float64
         return torch.float32
 
-    def _pass(self, data, batch_size, loss_fn, desc, what, name, select=None, start=0):
+    def _pass(self, data, batch_size, loss_fn, desc, what, name, select=None, start=0,
+              zero_masked=True):
         return factor_pass(self.model, loss_fn, data, self.modules, batch_size,
                            token_mask_fn=self.token_mask_fn, desc=desc, progress=self.progress,
-                           what=what, name=name, select=select, start=start)
+                           what=what, name=name, select=select, start=start,
+                           zero_masked=zero_masked)
 
     def _require_fit(self, what):
         if self.factors is None:
@@ -349,7 +351,8 @@ class EKFAC:
                              S=torch.zeros(dout, dout, dtype=dt, device=dev), nS=0,
                              amax=torch.zeros(2, dtype=torch.float64, device=dev))
         for offset, factors in self._pass(train, batch_size, self.fisher_loss_fn,
-                                          "EK-FAC covariances", self._fisher_arg, "train", select):
+                                          "EK-FAC covariances", self._fisher_arg, "train", select,
+                                          zero_masked=False):  # _kept_rows drops the masked
             rows = _kept_rows(factors)      # padding dropped: the captured tensors are freed
             del factors
             if start is None:
@@ -423,7 +426,7 @@ class EKFAC:
         if start is not None:
             for _, factors in self._pass(train, batch_size, self.fisher_loss_fn,
                                          "EK-FAC eigenvalue correction", self._fisher_arg,
-                                         "train", select, start):
+                                         "train", select, start, zero_masked=False):
                 n += correct(_kept_rows(factors))
         n = dist.all_reduce_int(n)
         for name, L in layers.items():

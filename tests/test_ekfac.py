@@ -293,6 +293,30 @@ def test_layers_sharing_an_input_share_its_eigendecomposition(monkeypatch):
     assert ek.factors["q"]["QA"] is not ek.factors["k"]["QA"]
 
 
+def test_fit_ignores_what_masked_tokens_hold():
+    """The fit's pass leaves masked tokens unzeroed (zero_masked=False) and drops them itself:
+    padding that holds large values gives the factors of padding that holds zeros."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()  # per token
+    X = torch.randn(10, 7, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (10, 7))
+    m = torch.rand(10, 7) > 0.3
+    m[:, 0] = True
+
+    def loss_fn(model, b):
+        out = F.cross_entropy(model(b[0]).flatten(0, 1), b[1].flatten(), reduction="none")
+        return (out.view(b[1].shape) * b[2]).sum(1)
+    mask_fn = lambda b: b[2]  # noqa: E731
+    fits = []
+    for fill in (0.0, 1e3):
+        Xf = X.masked_fill(~m[..., None], fill)
+        fits.append(fastinf.EKFAC(model, loss_fn, token_mask_fn=mask_fn, progress=False)
+                    .fit((Xf, y, m), batch_size=4))
+    for name, L in fits[0].factors.items():
+        for k in ("QA", "QS", "lam", "eigA", "eigS"):
+            assert rel(fits[1].factors[name][k].abs(), L[k].abs()) < 1e-9, (name, k)
+
+
 def test_fit_keeps_only_unmasked_rows_shared_once():
     """The fit sums and keeps the kept tokens only (padding dropped), one copy of an input that
     several layers read, with the offsets the ekfac_lambda op takes; unmasked batches are views."""
