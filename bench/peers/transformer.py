@@ -12,8 +12,8 @@ padding mask. Measured per case: fit, exact pairwise (all queries), rank-32 pair
 ``query_rank=32`` vs Kronfluence ``ScoreArguments(query_gradient_low_rank=32)``), self-scores; Spearman
 of the scores; fit cost in plain forward+backward passes over the train set.
 
-The fit and the plain pass run ``--repeat`` times (default 3) in fresh processes per library and
-the run of median time is reported (all runs' seconds in the CSV's ``runs`` column): on a shared
+The fit and the plain pass run ``--repeat`` times (default 3) in fresh processes per library, the
+scoring steps ``--repeat-scores`` times (default 1), and the run of median time is reported (all runs' seconds in the CSV's ``runs`` column): on a shared
 VM one fresh-process fit varies by up to ±30%. Every (library, step) runs in its own subprocess (factors saved to / loaded from disk outside the
 timed region, except that Kronfluence's own API loads its factors and saves its scores inside its
 calls), and its peak RSS is the child's ``ru_maxrss`` (``os.wait4``), so runs do not contaminate
@@ -169,7 +169,7 @@ def spearman(a, b) -> float:
     return float(spearmanr(a.flatten().numpy(), b.flatten().numpy())[0])
 
 
-def run_case(case, s, timeout, dev_name, rows, table, repeat=3):
+def run_case(case, s, timeout, dev_name, rows, table, repeat=3, repeat_scores=1):
     with tempfile.TemporaryDirectory(prefix=f"fastinf_bench_{case}_") as tmp:
         work = Path(tmp)
         model = M.build_model(case, s)
@@ -184,10 +184,10 @@ def run_case(case, s, timeout, dev_name, rows, table, repeat=3):
 
         def go(lib, step=None):
             """One step in fresh processes: ``repeat`` runs for the fit and the plain pass (their
-            times swing by up to ±30% from process to process on a shared VM), one for the
-            scoring steps; the run of median time is kept, with every run's seconds in
-            ``runs`` and the largest peak RSS of them."""
-            n = repeat if step in (None, "fit") else 1
+            times swing by up to ±30% from process to process on a shared VM),
+            ``repeat_scores`` for the scoring steps; the run of median time is kept, with every
+            run's seconds in ``runs`` and the largest peak RSS of them."""
+            n = repeat if step in (None, "fit") else repeat_scores
             runs = []
             for _ in range(n):
                 t = time.time()
@@ -254,7 +254,9 @@ def main():
     p.add_argument("--timeout", type=float, default=1800, help="seconds per step subprocess")
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to the CSV")
     p.add_argument("--repeat", type=int, default=3, help="fresh-process runs of the fit and of "
-                   "the plain pass per library (the median is reported; scoring steps run once)")
+                   "the plain pass per library (the median is reported)")
+    p.add_argument("--repeat-scores", type=int, default=1, help="fresh-process runs of each "
+                   "scoring step per library (the median is reported)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -283,7 +285,8 @@ def main():
           f"shapes: {s.describe()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows, table = [], []
     for case in cases:
-        run_case(case, s, a.timeout, dev_name, rows, table, max(1, a.repeat))
+        run_case(case, s, a.timeout, dev_name, rows, table, max(1, a.repeat),
+                 max(1, a.repeat_scores))
     print(f"\nload average {os.getloadavg()[0]:.1f} at end (timings taken on a shared machine if > "
           f"{os.cpu_count()})\n")
     print(f"{'case':<12}{'metric':<32}{'fastinf':>12}{'kronfluence':>13}{'ratio':>9}")
