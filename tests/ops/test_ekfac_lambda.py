@@ -265,3 +265,18 @@ def test_offsets_form_validation():
     A2[0, 0] = float("inf")
     with pytest.raises(ValueError, match="'A'.*non-finite"):
         ekfac_lambda(A2, G2, QA, QS, offsets=offs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_offsets_form_cuda(backend):
+    """The rows form on a GPU (what the EK-FAC fit passes there): padded back, then the kernel."""
+    if backend == "cuda" and not backends()["cuda"].available:
+        pytest.skip("cuda backend not built")
+    import importlib
+    mod = importlib.import_module("fastinf.ops.ekfac_lambda")
+    A, G, QA, QS, m = _inputs(5, 33, 17, 70, mask=True, device="cuda")
+    A2, G2, offs = mod.kept_rows(A, G, m)
+    out = ekfac_lambda(A2.float(), G2.float(), QA.float(), QS.float(), offsets=offs,
+                       backend=backend)
+    _check(out.cpu(), ekfac_lambda_reference(A, G, QA, QS, m).cpu(), torch.float32)
