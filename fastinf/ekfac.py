@@ -40,7 +40,7 @@ from ._pass import factor_pass, model_device
 from .capture import NonFiniteError, layer_shape, tracked_modules, tracking_summary
 from .layers import DenseLayer, Eigen, LayerBatch
 from .ops import _common as c
-from .ops.ekfac_lambda import ekfac_lambda
+from .ops.ekfac_lambda import ekfac_lambda, kept_index, take_rows
 from .store import hash_state
 
 log = logging.getLogger("fastinf")
@@ -88,12 +88,6 @@ def _input_key(lb: LayerBatch):
     return (A.data_ptr(), tuple(A.shape), A.stride(), A.dtype, A.device)
 
 
-def _rows_of(X: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """The rows ``rows`` (None: all, a view) of ``X [B, T, d]`` flattened to ``[B·T, d]``."""
-    X2 = X.reshape(-1, X.shape[-1])
-    return X2 if rows is None else X2.index_select(0, rows)
-
-
 def _kept_rows(factors) -> dict:
     """``{name: (A [R, din], G [R, dout], offsets [B + 1])}``: a batch's captured tokens without
     the masked (padding) ones, as :func:`fastinf.ops.ekfac_lambda` takes them with ``offsets=``.
@@ -102,24 +96,16 @@ def _kept_rows(factors) -> dict:
     for Λ: no FLOPs and no kept bytes for padding."""
     out, shared = {}, {}
     for name, lb in factors.items():
-        B, T = lb.A.shape[:2]
-        m = None if lb.mask is None or bool(lb.mask.all()) else lb.mask
-        if m is None:
-            rows, offs = None, torch.arange(0, (B + 1) * T, T, dtype=torch.int64,
-                                            device=lb.A.device)
-        else:
-            rows = m.reshape(-1).nonzero().squeeze(1)
-            offs = torch.zeros(B + 1, dtype=torch.int64, device=lb.A.device)
-            torch.cumsum(m.sum(1), 0, out=offs[1:])
+        rows, offs = kept_index(lb.mask, lb.A.shape[0], lb.A.shape[1], lb.A.device)
         key = _input_key(lb)
         hit = shared.get(key)
         if hit is not None and ((hit[0] is None and rows is None) or (
                 hit[0] is not None and rows is not None and torch.equal(hit[0], rows))):
             A2 = hit[1]
         else:
-            A2 = _rows_of(lb.A, rows)
+            A2 = take_rows(lb.A, rows)
             shared[key] = (rows, A2)
-        out[name] = (A2, _rows_of(lb.G, rows), offs)
+        out[name] = (A2, take_rows(lb.G, rows), offs)
     return out
 
 

@@ -115,21 +115,28 @@ CPP_CHUNK_ROWS = 0   # tokens per chunk of examples in the C++ kernel (0: sized 
 CPP_ISA = 0          # best instruction set of the C++ kernel (0 any, 1 baseline, 2 AVX2, 3 AVX-512)
 
 
+def kept_index(a_mask, N: int, T: int, device):
+    """``(rows, offsets)`` of examples ``[N, T]`` under ``a_mask``: the flat indices of the kept
+    tokens (None when every token is kept) and the example row offsets ``[N + 1]`` (int64)."""
+    if a_mask is None or bool(a_mask.all()):
+        return None, torch.arange(0, (N + 1) * T, T, dtype=torch.int64, device=device)
+    offs = torch.zeros(N + 1, dtype=torch.int64, device=device)
+    torch.cumsum(a_mask.sum(1), 0, out=offs[1:])
+    return a_mask.reshape(-1).nonzero().squeeze(1), offs
+
+
+def take_rows(X, rows):
+    """The rows ``rows`` (None: all, a view) of ``X [N, T, d]`` flattened to ``[N·T, d]``."""
+    X2 = X.reshape(-1, X.shape[-1])
+    return X2 if rows is None else X2.index_select(0, rows)
+
+
 def kept_rows(A, G, a_mask=None):
     """The kept tokens as rows: ``A [R, din]``, ``G [R, dout]`` (the R unmasked tokens of all
     examples, in order; views when nothing is masked) and the example row offsets ``[N + 1]``
     (int64), the ``offsets=`` form of :func:`ekfac_lambda`."""
-    N, T, din = A.shape
-    A2, G2 = A.reshape(N * T, din), G.reshape(N * T, G.shape[2])
-    if a_mask is None:
-        return A2, G2, torch.arange(0, (N + 1) * T, T, dtype=torch.int64, device=A.device)
-    keep = a_mask.reshape(-1)
-    rows = keep.nonzero().squeeze(1)
-    if rows.numel() != keep.numel():
-        A2, G2 = A2.index_select(0, rows), G2.index_select(0, rows)
-    offs = torch.zeros(N + 1, dtype=torch.int64, device=A.device)
-    torch.cumsum(a_mask.sum(1), 0, out=offs[1:])
-    return A2, G2, offs
+    rows, offs = kept_index(a_mask, A.shape[0], A.shape[1], A.device)
+    return take_rows(A, rows), take_rows(G, rows), offs
 
 
 def padded(A, G, offsets):
@@ -144,14 +151,6 @@ def padded(A, G, offsets):
     A3[mask] = A
     G3[mask] = G
     return A3, G3, mask
-
-
-def kept_rows_rotated(A, G, QA, QS, a_mask=None):
-    """The kept tokens rotated, as rows: ``At = A Q_A`` ``[R, din]`` and ``Gt = G Q_S``
-    ``[R, dout]`` (float32, contiguous; the R unmasked tokens of all examples in order, masked
-    ones never read nor multiplied) and the example row offsets ``[N + 1]`` (int64)."""
-    A2, G2, offs = kept_rows(A, G, a_mask)
-    return _rotate_rows(A2, G2, QA, QS) + (offs,)
 
 
 def _rotate_rows(A2, G2, QA, QS):

@@ -214,16 +214,18 @@ def test_cpp_kernel_all_masked_and_empty():
     assert out.shape == (20, 40) and bool((out == 0).all())
 
 
-def test_kept_rows_rotated_offsets():
+def test_kept_rows_offsets():
     import importlib
     mod = importlib.import_module("fastinf.ops.ekfac_lambda")
     A, G, QA, QS, m = _inputs(5, 4, 6, 3, mask=True)
-    At, Gt, offs = mod.kept_rows_rotated(A, G, QA, QS, m)
+    A2, G2, offs = mod.kept_rows(A, G, m)
     assert offs.tolist() == [0] + m.sum(1).cumsum(0).tolist()
-    torch.testing.assert_close(At.double(), (A[m] @ QA), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(Gt.double(), (G[m] @ QS), rtol=1e-5, atol=1e-5)
-    At, Gt, offs = mod.kept_rows_rotated(A, G, QA, QS, None)
-    assert offs.tolist() == list(range(0, 21, 4)) and At.shape == (20, 6)
+    assert torch.equal(A2, A[m]) and torch.equal(G2, G[m])
+    A2, G2, offs = mod.kept_rows(A, G, None)
+    assert offs.tolist() == list(range(0, 21, 4)) and A2.shape == (20, 6)
+    assert A2.data_ptr() == A.data_ptr()            # unmasked: a view, no copy
+    A2, _, offs = mod.kept_rows(A, G, torch.ones(5, 4, dtype=torch.bool))
+    assert offs.tolist() == list(range(0, 21, 4)) and A2.data_ptr() == A.data_ptr()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
