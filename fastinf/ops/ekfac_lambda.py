@@ -98,6 +98,11 @@ def materialize_torch(A, G, QA, QS, a_mask=None):
 
 
 # --------------------------------------------------------------------------- fused kernels
+def _rotate_f32(A, G, QA, QS):
+    """``(A Q_A, G Q_S)`` by float32 GEMMs, contiguous (tokens ``[..., d]`` of any leading shape)."""
+    return (A.float() @ QA.float()).contiguous(), (G.float() @ QS.float()).contiguous()
+
+
 def _rotated(launch):
     """A fused backend: rotates the tokens by float32 GEMMs, then ``launch(At, Gt, a_mask, out)``
     sums the squared per-example products (masked rows may hold garbage: the kernels skip them)."""
@@ -105,8 +110,7 @@ def _rotated(launch):
         out = torch.zeros(G.shape[2], A.shape[2], dtype=torch.float32, device=A.device)
         if A.shape[0] == 0:
             return out
-        At = (A.float() @ QA.float()).contiguous()
-        Gt = (G.float() @ QS.float()).contiguous()
+        At, Gt = _rotate_f32(A, G, QA, QS)
         return launch(At, Gt, c.contiguous(a_mask), out)
     return run
 
@@ -153,10 +157,6 @@ def padded(A, G, offsets):
     return A3, G3, mask
 
 
-def _rotate_rows(A2, G2, QA, QS):
-    return (A2.float() @ QA.float()).contiguous(), (G2.float() @ QS.float()).contiguous()
-
-
 def _cpp_rows(A2, G2, QA, QS, offs):
     """C++ kernel on kept rows ``[R, ·]`` with example offsets: register tiles of Λ summed
     example by example, no per-example tensor and no padding rows multiplied."""
@@ -164,7 +164,7 @@ def _cpp_rows(A2, G2, QA, QS, offs):
     out = torch.zeros(dout, din, dtype=torch.float32, device=A2.device)
     if N == 0 or A2.shape[0] == 0:
         return out
-    At, Gt = _rotate_rows(A2, G2, QA, QS)
+    At, Gt = _rotate_f32(A2, G2, QA, QS)
     offs = offs.to(torch.int64).contiguous()
     c.require_native(OP).ekfac_lambda_cpu(At.data_ptr(), Gt.data_ptr(), offs.data_ptr(),
                                           out.data_ptr(), N, din, dout, CPP_CHUNK_ROWS,
@@ -225,23 +225,26 @@ def validate(A, G, QA, QS, a_mask=None):
     """Checks the arguments of :func:`ekfac_lambda`; returns ``(N, T, din, dout)``."""
     c.check_tensor(OP, "A", A, ("N", "T", "din"))
     c.check_tensor(OP, "G", G, ("N", "T", "dout"))
-    c.check_tensor(OP, "QA", QA, ("din", "din"))
-    c.check_tensor(OP, "QS", QS, ("dout", "dout"))
     c.check_same(OP, {"A": A, "G": G})
-    for name, q in (("QA", QA), ("QS", QS)):
-        if q.device != A.device:
-            raise ValueError(f"{OP}: arguments 'A' and '{name}' are on different devices "
-                             f"({A.device} and {q.device})")
     N, T, din = A.shape
     c.check_dim(OP, "G", G, 0, N, "from A", ("N", "T", "dout"))
     c.check_dim(OP, "G", G, 1, T, "from A", ("N", "T", "dout"))
     dout = G.shape[2]
-    c.check_dim(OP, "QA", QA, 0, din, "from A", ("din", "din"))
-    c.check_dim(OP, "QA", QA, 1, din, "from A", ("din", "din"))
-    c.check_dim(OP, "QS", QS, 0, dout, "from G", ("dout", "dout"))
-    c.check_dim(OP, "QS", QS, 1, dout, "from G", ("dout", "dout"))
+    _check_bases(A, QA, QS, din, dout)
     c.check_mask(OP, "a_mask", a_mask, (N, T), "A", A.device)
     return N, T, din, dout
+
+
+def _check_bases(A, QA, QS, din, dout):
+    """QA ``[din, din]`` and QS ``[dout, dout]``, float, on A's device."""
+    for name, q, d, dims, src in (("QA", QA, din, ("din", "din"), "A"),
+                                  ("QS", QS, dout, ("dout", "dout"), "G")):
+        c.check_tensor(OP, name, q, dims)
+        if q.device != A.device:
+            raise ValueError(f"{OP}: arguments 'A' and '{name}' are on different devices "
+                             f"({A.device} and {q.device})")
+        c.check_dim(OP, name, q, 0, d, "from " + src, dims)
+        c.check_dim(OP, name, q, 1, d, "from " + src, dims)
 
 
 def validate_rows(A, G, QA, QS, offsets, a_mask=None):
@@ -264,13 +267,7 @@ def validate_rows(A, G, QA, QS, offsets, a_mask=None):
         raise ValueError(f"{OP}: argument 'offsets' must rise from 0 to the row count of A "
                          f"({A.shape[0]}), got {o.tolist()[:8]}{' ...' if o.numel() > 8 else ''}")
     din, dout = A.shape[1], G.shape[1]
-    for name, q, d in (("QA", QA, din), ("QS", QS, dout)):
-        c.check_tensor(OP, name, q, (name[1:].lower(), name[1:].lower()))
-        if q.device != A.device:
-            raise ValueError(f"{OP}: arguments 'A' and '{name}' are on different devices "
-                             f"({A.device} and {q.device})")
-        c.check_dim(OP, name, q, 0, d, "from " + ("A" if name == "QA" else "G"), ("d", "d"))
-        c.check_dim(OP, name, q, 1, d, "from " + ("A" if name == "QA" else "G"), ("d", "d"))
+    _check_bases(A, QA, QS, din, dout)
     N = o.numel() - 1
     T = int((o[1:] - o[:-1]).max()) if N else 0
     return N, T, din, dout
