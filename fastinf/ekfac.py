@@ -50,9 +50,10 @@ VERSION = 1
 _OUT = "leave the layer out with modules=[...] (the tracked modules except it)"
 
 
-def _eigh(name, which, C, n, xmax):
-    """Eigendecomposition (float64) of the summed covariance ``C`` of ``n`` tokens; an overflow
-    (Inf/NaN) or a failed eigh is an error naming the layer and the cause."""
+def _eigh(name, which, C, n, xmax, dtype=torch.float64):
+    """Eigendecomposition (in ``dtype``) of the summed covariance ``C`` of ``n`` tokens, as
+    ``(float64 eigenvalues, eigenvectors in dtype)``; an overflow (Inf/NaN) or a failed eigh is
+    an error naming the layer and the cause."""
     if not bool(torch.isfinite(C).all()):
         raise NonFiniteError(
             f"EK-FAC: the {which} covariance of layer {name!r} overflows in {C.dtype}: its "
@@ -60,7 +61,8 @@ def _eigh(name, which, C, n, xmax):
             f"{torch.finfo(C.dtype).max:.3g}; scale the inputs or weights down, use a float64 "
             f"model, or {_OUT}")
     try:
-        return torch.linalg.eigh(C.double() / n, UPLO="L")   # _add_gram fills the lower triangle
+        e, Q = torch.linalg.eigh(C.to(dtype) / n, UPLO="L")   # _add_gram fills the lower triangle
+        return e.double(), Q
     except torch.linalg.LinAlgError as exc:
         raise ValueError(f"EK-FAC: the eigendecomposition of the {which} covariance of layer "
                          f"{name!r} failed ({exc}); largest |{which}| = {xmax:.3g}; {_OUT}"
@@ -114,17 +116,20 @@ def _largest_abs(X: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.aminmax(X)).abs().max()
 
 
-def factor_memory(dout: int, din: int, dtype: torch.dtype) -> int:
+def factor_memory(dout: int, din: int, dtype: torch.dtype,
+                  eigh_dtype: Optional[torch.dtype] = None) -> int:
     """Bytes one layer's fit needs at its peak: the covariances A ``[din, din]`` and S
     ``[dout, dout]``, the kept eigenvectors Q_A, Q_S and Λ ``[dout, din]`` in ``dtype``, plus
-    the float64 eigendecomposition of the larger side (matrix, eigenvectors, LAPACK workspace)."""
+    the eigendecomposition of the larger side (matrix, eigenvectors, LAPACK workspace) in
+    ``eigh_dtype`` (None: ``dtype``)."""
     b = torch.finfo(dtype).bits // 8
-    return b * (2 * din * din + 2 * dout * dout + dout * din) + _eigh_bytes(dout, din)
+    return b * (2 * din * din + 2 * dout * dout + dout * din) + _eigh_bytes(
+        dout, din, eigh_dtype or dtype)
 
 
-def _eigh_bytes(dout: int, din: int) -> int:
-    """float64 matrix, eigenvectors and LAPACK workspace of the larger covariance."""
-    return 3 * 8 * max(din, dout) ** 2
+def _eigh_bytes(dout: int, din: int, dtype: torch.dtype = torch.float64) -> int:
+    """Matrix, eigenvectors and LAPACK workspace of the larger covariance, in ``dtype``."""
+    return 3 * (torch.finfo(dtype).bits // 8) * max(din, dout) ** 2
 
 
 def default_factor_budget(device: torch.device) -> float:
@@ -221,6 +226,10 @@ class EKFAC:
             checked per layer and in total before any pass; a layer over it (e.g. an LM head
             with a large vocabulary, ``S`` is ``vocab²``) is an error naming it and the
             ``modules=`` way out. None: half the device's memory; ``float("inf")``: no check.
+        eigh_dtype: dtype of the covariances' eigendecompositions. None (default): the factors'
+            dtype, float32 for float32/bf16 models (their covariances are summed in float32, so
+            a float32 eigh loses nothing they hold, at half the time of float64), float64 for
+            float64 models. ``torch.float64`` forces float64 (Kronfluence's default).
     """
 
     force_rotation: Optional[str] = None   # "tokens" / "dense" overrides rotates_tokens' rule
@@ -228,7 +237,8 @@ class EKFAC:
     def __init__(self, model: nn.Module, loss_fn: Callable, *, modules=None,
                  damping: Optional[float] = None, fisher_loss_fn: Optional[Callable] = None,
                  token_mask_fn: Optional[Callable] = None, progress: bool = True,
-                 max_factor_memory: Optional[float] = None):
+                 max_factor_memory: Optional[float] = None,
+                 eigh_dtype: Optional[torch.dtype] = None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))
@@ -236,6 +246,10 @@ class EKFAC:
             raise ValueError("damping must be None (heuristic) or a finite float >= 0, got "
                              f"{damping!r}")
         _check_budget(max_factor_memory)
+        if eigh_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"eigh_dtype must be None (the factors' dtype), torch.float32 or "
+                             f"torch.float64, got {eigh_dtype!r}")
+        self.eigh_dtype = eigh_dtype
         self.model = model
         self.loss_fn = loss_fn
         self.max_factor_memory = max_factor_memory
@@ -284,7 +298,8 @@ class EKFAC:
         budget = self.max_factor_memory
         budget = default_factor_budget(dev) if budget is None else budget
         shapes = {n: layer_shape(m) for n, m in self.modules.items()}
-        need = {n: factor_memory(*shape, dt) for n, shape in shapes.items()}
+        et = self.eigh_dtype or dt
+        need = {n: factor_memory(*shape, dt, et) for n, shape in shapes.items()}
         gib = 2.0 ** 30
         how = ("leave it out with modules=[...] (the tracked modules except it; e.g. an LM head "
                "over a large vocabulary), or raise max_factor_memory (bytes; float('inf'): no "
@@ -295,10 +310,10 @@ class EKFAC:
                 raise MemoryError(f"EKFAC.fit: layer {n!r} ({type(self.modules[n]).__name__}, "
                                   f"gradient [{dout}, {din}]) needs about {b / gib:.3g} GiB for "
                                   f"its factors (A {din}x{din}, S {dout}x{dout}, eigenvectors "
-                                  f"and Λ in {dt}, float64 eigendecomposition), over "
+                                  f"and Λ in {dt}, {str(et).replace('torch.', '')} eigendecomposition), over "
                                   f"max_factor_memory = {budget / gib:.3g} GiB; {how}")
         # together: every layer's factors, one eigendecomposition at a time
-        eig = [_eigh_bytes(*shape) for shape in shapes.values()]
+        eig = [_eigh_bytes(*shape, et) for shape in shapes.values()]
         total = sum(need.values()) - sum(eig) + max(eig)
         if total > budget:
             top = sorted(need, key=need.get, reverse=True)[:3]
@@ -310,7 +325,7 @@ class EKFAC:
 
     def fit(self, train, batch_size: int = 64, *,
             token_memory: Optional[float] = None) -> "EKFAC":
-        """Covariances -> eigendecompositions (float64) -> eigenvalue correction Λ.
+        """Covariances -> eigendecompositions (``eigh_dtype``) -> eigenvalue correction Λ.
 
         The eigenvalue correction needs every example's tokens again, rotated into the new
         eigenbases. The tokens captured by the covariance pass are kept for it (the unmasked
@@ -385,7 +400,7 @@ class EKFAC:
             for C0, n0, (e, Q) in done:
                 if n0 == n and C0.shape == C.shape and torch.equal(C0, C):
                     return e.clone(), Q.clone()
-            done.append((C, n, _eigh(name, which, C, n, xmax)))
+            done.append((C, n, _eigh(name, which, C, n, xmax, self.eigh_dtype or dt)))
             return done[-1][2]
 
         for name, st in cov.items():

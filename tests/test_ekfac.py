@@ -467,3 +467,40 @@ def test_methods_report_what_is_tracked(caplog):
         assert lines == ["tracking 2 modules (Linear x2), 137 of 203 trainable parameters; "
                          "left out: Embedding x1 (66 params)"]
         assert list(cls(model, lm_loss, modules=["out"], progress=False).tracked_modules) == ["out"]
+
+
+@pytest.mark.parametrize("model_dtype, eigh_dtype, expected", [
+    (torch.float32, None, torch.float32), (torch.float32, torch.float64, torch.float64),
+    (torch.float64, None, torch.float64), (torch.float64, torch.float32, torch.float32)])
+def test_eigh_dtype(monkeypatch, model_dtype, eigh_dtype, expected):
+    """The covariances are decomposed in ``eigh_dtype`` (None: the factors' dtype, float32 for a
+    float32 model); the eigenvalues are kept in float64, the bases in the factors' dtype, and a
+    float32 eigh of a float32 model gives the float64 eigh's factors and scores to float32's
+    accuracy (bases up to signs and degenerate rotations: compared through A = Q diag(e) Qᵀ)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).to(model_dtype)
+    X = torch.randn(40, 5, dtype=model_dtype)
+    y = torch.randint(0, 4, (40,))
+    seen = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda C, **kw: seen.append(C.dtype) or real(C, **kw))
+    ek = fastinf.EKFAC(model, cls_loss, progress=False, eigh_dtype=eigh_dtype).fit((X, y), 8)
+    assert seen and set(seen) == {expected}
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    ref = fastinf.EKFAC(model, cls_loss, progress=False, eigh_dtype=torch.float64).fit((X, y), 8)
+    tol = 1e-4 if torch.float32 in (model_dtype, expected) else 1e-10
+    for n, L in ek.factors.items():
+        R = ref.factors[n]
+        assert L["eigA"].dtype == L["eigS"].dtype == torch.float64
+        assert L["QA"].dtype == L["QS"].dtype == ek.dtype
+        for Q, e, which in (("QA", "eigA", "A"), ("QS", "eigS", "S")):
+            got = L[Q].double() @ torch.diag(L[e]) @ L[Q].double().T
+            want = R[Q].double() @ torch.diag(R[e]) @ R[Q].double().T
+            assert rel(got, want) < tol, (n, which)
+    S, S64 = ek.pairwise_scores((X[:5], y[:5]), (X, y)), ref.pairwise_scores((X[:5], y[:5]), (X, y))
+    assert rel(S.double(), S64.double()) < 10 * tol
+
+
+def test_eigh_dtype_checked():
+    with pytest.raises(ValueError, match=r"eigh_dtype must be None.*got torch.float16"):
+        fastinf.EKFAC(nn.Linear(3, 2), cls_loss, eigh_dtype=torch.float16)
