@@ -310,12 +310,17 @@ def test_factor_memory_budget_names_the_layer_before_any_pass():
     big = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 300))      # an "LM head"
     need = {n: factor_memory(*fastinf.capture.layer_shape(big[int(n)]), torch.float32)
             for n in ("0", "2")}
-    assert need["2"] == 4 * (2 * 9 * 9 + 2 * 300 * 300 + 300 * 9) + 24 * 300 * 300
+    # float32 factors, float32 eigendecomposition (the default): 3 float32 [300, 300] matrices
+    assert need["2"] == 4 * (2 * 9 * 9 + 2 * 300 * 300 + 300 * 9) + 12 * 300 * 300
+    assert factor_memory(300, 9, torch.float32, torch.float64) == need["2"] + 12 * 300 * 300
     with pytest.raises(MemoryError, match=r"layer '2' \(Linear, gradient \[300, 9\]\) needs about "
                                           r".* GiB.*max_factor_memory.*modules="):
         fastinf.EKFAC(big, loss, max_factor_memory=need["2"] - 1, progress=False).fit(mlp_data())
     with pytest.raises(MemoryError, match=r"the factors of the 2 tracked layers need.*'2'"):
         fastinf.EKFAC(big, loss, max_factor_memory=need["2"] + 1, progress=False).fit(mlp_data())
+    with pytest.raises(MemoryError, match=r"layer '2' .* float64 eigendecomposition"):
+        fastinf.EKFAC(big, loss, modules=["2"], max_factor_memory=need["2"],
+                      eigh_dtype=torch.float64, progress=False).fit(mlp_data())
     assert not calls
     fastinf.EKFAC(big, loss, modules=["0"], max_factor_memory=need["0"],
                   progress=False).fit(mlp_data())
