@@ -28,7 +28,8 @@ the dataset (one warning says why) and the passes run in full, as without it.
 
 Memory: the recorded tensors of a batch are about ``2 · blocks · B · T · d`` numbers (hidden
 states in, gradients out; 100 MB for 256 examples of the d=256, T=48, 4-block transformer of
-``bench/peers/transformer.py``). Batches are recorded while the total stays within
+``bench/peers/transformer.py``), fewer where only some blocks are kept (:meth:`BlockReplay.restrict`:
+the blocks no later group replays). Batches are recorded while the total stays within
 :func:`replay_memory_bytes` (env ``FASTINF_REPLAY_MEMORY_MB``, default 256); the other batches
 are captured by full passes. ``FASTINF_REPLAY_MEMORY_MB=0`` turns replay off.
 """
@@ -136,13 +137,19 @@ def _same(a, b, rtol: float = 1e-6) -> bool:
     return True
 
 
-def _nbytes(obj) -> int:
+def _nbytes(obj, seen: Optional[set] = None) -> int:
+    """Bytes of the tensors in ``obj`` (nested containers), each tensor once: the blocks of a
+    batch share some arguments (a Llama's rotary embeddings, its attention mask)."""
+    seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
         return obj.numel() * obj.element_size()
     if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(x) for x in obj)
+        return sum(_nbytes(x, seen) for x in obj)
     if isinstance(obj, dict):
-        return sum(_nbytes(x) for x in obj.values())
+        return sum(_nbytes(x, seen) for x in obj.values())
     return 0
 
 
@@ -154,6 +161,13 @@ class _Batch:
         self.args: Dict[int, tuple] = {}
         self.gouts: Dict[int, list] = {}
         self.checks: Dict[int, list] = {}
+
+
+def _batch_bytes(batch: _Batch, blocks=None) -> int:
+    """Bytes of one batch's records (of ``blocks`` only, if given), shared tensors once."""
+    seen: set = set()
+    return sum(_nbytes(d[b], seen) for d in (batch.args, batch.gouts) for b in d
+               if blocks is None or b in blocks)
 
 
 class BlockRecorder:
@@ -179,7 +193,7 @@ class BlockRecorder:
             def hook(mod, args, kwargs):
                 self.calls[b] = self.calls.get(b, 0) + 1
                 self.current.append(b)
-                if self.problem is None and torch.is_grad_enabled():
+                if self.problem is None and torch.is_grad_enabled() and r.keeps(b):
                     try:
                         self.batch.args[b] = (_freeze(args, self.memo), _freeze(kwargs, self.memo))
                     except _Unreplayable as e:
@@ -190,6 +204,8 @@ class BlockRecorder:
             def hook(mod, args, kwargs, out):
                 if self.current and self.current[-1] == b:
                     self.current.pop()
+                if not r.keeps(b):
+                    return
                 ts = _grad_tensors(out)
                 self.outs[b] = ts
                 self.batch.checks[b] = _check(ts)
@@ -197,7 +213,8 @@ class BlockRecorder:
 
         def layer(name):
             def hook(mod, args):
-                if r.block_of[name] not in self.current and self.problem is None:
+                if r.block_of[name] not in self.current and self.problem is None and \
+                        r.keeps(r.block_of[name]):
                     self.problem = (f"tracked layer {name!r} is called outside its block "
                                     f"{r.names[r.block_of[name]]!r}")
             return hook
@@ -219,8 +236,8 @@ class BlockRecorder:
     def keep(self, grads) -> None:
         r = self.replay
         if self.problem is None:
-            twice = [b for b, n in self.calls.items() if n != 1]
-            missing = [b for b in range(len(r.blocks)) if b not in self.batch.args]
+            twice = [b for b, n in self.calls.items() if n != 1 and r.keeps(b)]
+            missing = [b for b in range(len(r.blocks)) if b not in self.batch.args and r.keeps(b)]
             if twice:
                 self.problem = (f"block {r.names[twice[0]]!r} is called {self.calls[twice[0]]} "
                                 "times per forward")
@@ -246,7 +263,7 @@ class BlockReplay:
     pass, recording through :meth:`recorder`)."""
 
     def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], budget: Optional[int] = None,
-                 what: str = "data"):
+                 what: str = "data", keep=None):
         found = find_blocks(model, modules)
         self.names = [n for n, _, _ in found]
         self.blocks = [b for _, b, _ in found]
@@ -254,6 +271,7 @@ class BlockReplay:
         self.layers = {n: modules[n] for n in self.block_of}
         self.budget = replay_memory_bytes() if budget is None else budget
         self.what = what
+        self.kept = None if keep is None else frozenset(keep)   # blocks recorded (None: all)
         self.records: Dict[int, _Batch] = {}
         self.bytes = 0
         self.full = False
@@ -265,8 +283,28 @@ class BlockReplay:
     def active(self) -> bool:
         return self.reason is None
 
+    def keeps(self, b: int) -> bool:
+        """Whether block ``b`` is recorded (:meth:`restrict`)."""
+        return self.kept is None or b in self.kept
+
     def covers(self, names) -> bool:
-        return self.active and all(n in self.block_of for n in names)
+        return self.active and all(n in self.block_of and self.keeps(self.block_of[n])
+                                   for n in names)
+
+    def restrict(self, blocks) -> None:
+        """Records only ``blocks`` from now on and drops the other blocks' records: the passes
+        that replay come after a first group of layers whose passes are full, so a block none of
+        the later groups touches is never replayed."""
+        self.kept = frozenset(blocks)
+        for rec in self.records.values():
+            for d in (rec.args, rec.gouts, rec.checks):
+                for b in [b for b in d if b not in self.kept]:
+                    del d[b]
+        self.bytes = sum(_batch_bytes(rec) for rec in self.records.values())
+
+    def block_bytes(self, blocks) -> int:
+        """Bytes the records held so far keep for ``blocks``."""
+        return sum(_batch_bytes(rec, blocks) for rec in self.records.values())
 
     def disable(self, reason: str) -> None:
         if self.reason is None:
@@ -282,7 +320,7 @@ class BlockReplay:
         return BlockRecorder(self, key)
 
     def add(self, key: int, batch: _Batch) -> None:
-        size = _nbytes(list(batch.args.values())) + _nbytes(list(batch.gouts.values()))
+        size = _batch_bytes(batch)
         if self.bytes + size > self.budget:
             self.full = True        # later batches: full passes
             return

@@ -201,6 +201,75 @@ def test_groups_by_block_never_span_blocks():
     assert sorted(groups) == [["a"], ["b"]]
 
 
+class _Rec:
+    """A stand-in for a BlockReplay in the planning: ``per_block`` bytes of records per block."""
+
+    def __init__(self, per_block, block_of):
+        self.per_block, self.block_of, self.budget = per_block, block_of, 10**9
+
+    def block_bytes(self, blocks):
+        return self.per_block * len(blocks)
+
+
+def test_replay_groups_recount_the_blocks_later_groups_replay():
+    """The d=256 Llama's rank-32 queries (MiB of query state for 256 queries: four blocks of
+    152.5, a 20 MiB head; 24.75 MiB of records per block and dataset, both datasets of 256):
+    with every block's records counted the cap is 318.5 MiB and the first group holds the head
+    and one block (3 replays per dataset); the records of that block are not needed, the cap
+    grows to 367 and the first group takes two blocks; recounted again (415 MiB) it holds
+    the same, so blocks 2 and 3 are recorded and replayed: 2 replays per dataset."""
+    mib, Q = 2**20, 256
+    sizes, block_of = {"lm_head": 20 * mib // Q}, {}
+    for b in range(4):
+        for n, m in [("q", 16), ("k", 16), ("v", 16), ("o", 16), ("gate", 29.5), ("up", 29.5),
+                     ("down", 29.5)]:
+            sizes[f"{b}.{n}"] = int(m * mib) // Q
+            block_of[f"{b}.{n}"] = b
+    recs = [_Rec(int(24.2 * mib), block_of)]       # per dataset (Q = train size = first)
+    groups, blocks = scoring._replay_groups(sizes, 512 * mib, Q, Q, Q, recs)
+    assert blocks == {2, 3}
+    assert sorted(groups[0]) == sorted(["lm_head"] + [p for p in sizes if block_of.get(p) in (0, 1)])
+    assert [sorted({block_of[p] for p in g}) for g in groups[1:]] == [[2], [3]]
+    # every block's records counted, the plan of before: the head and block 0 first
+    g_all = scoring._groups_by_block(sizes, (512 * mib - 8 * recs[0].per_block) // Q, block_of)
+    assert len(g_all) == 4 and {block_of[p] for p in g_all[0] if p in block_of} == {0}
+    # even the largest layer does not fit beside the records: no plan
+    assert scoring._replay_groups(sizes, 200 * mib, Q, Q, Q, recs) is None
+
+
+def test_blocks_inside_the_first_group_are_not_recorded(f64, monkeypatch):
+    """A budget under which the first group takes whole blocks once their records are not
+    counted: only the block the later group replays is recorded, on both datasets, and the
+    scores equal full passes'."""
+    ek, train, query = _setup()
+    ref = _reference(ek, query, train, monkeypatch)
+    st = scoring.query_state(ek, query, 4)
+    size = {p: scoring._record_bytes(q.rec) for s in st for p, q in s.items()}
+    block = sum(v for p, v in size.items() if p.startswith("blocks.0."))
+    head, total = size["head"], sum(size.values())
+    nq, nt = len(query[0]), len(train[0])
+    per_block = 2 * 7 * 16 * 8 * (nq + nt)        # block input and output gradient, f64
+    # all 3 blocks' records counted: the head and one block fit, two do not; blocks 1 and 2
+    # counted: the head and two blocks fit; everything does not fit beside one block's records
+    lo = max(3 * per_block + head + block, 2 * per_block + head + 2 * block)
+    hi = min(3 * per_block + head + 2 * block, per_block + total)
+    assert lo < hi
+    monkeypatch.setenv("FASTINF_QUERY_MEMORY_MB", str((lo + hi) / 2 / 2**20))
+    kept = []
+    real = R.BlockReplay.__init__
+
+    def init(rp, *a, **k):
+        real(rp, *a, **k)
+        kept.append(rp)
+    monkeypatch.setattr(R.BlockReplay, "__init__", init)
+    c = _Count(monkeypatch)
+    _close(ek.pairwise_scores(query, train, batch_size=4), ref)
+    assert c.disabled == [] and c.replayed > 0
+    assert [rp.what for rp in kept] == ["query", "train"]
+    assert all(rp.kept == {2} for rp in kept)
+    assert all(set(rec.args) == set(rec.gouts) == {2} for rp in kept for rec in rp.records.values())
+
+
 def test_partial_budget_records_some_batches(f64, monkeypatch):
     ek, train, query = _setup()
     ref = _reference(ek, query, train, monkeypatch)
