@@ -472,7 +472,9 @@ def _train_tiles(method, batches):
     for off, layers in batches:
         recs = method.train_layers(layers)
         b = len(next(iter(recs.values())))
-        if buf and (count + b > most or size >= cap):
+        nbytes = sum(_record_bytes(r) for r in recs.values())
+        if buf and (count + b > most or size + nbytes > cap):   # within both bounds (a
+            #                                                     batch above them: a tile alone)
             tile = joined()
             buf, count, size = [], 0, 0     # the batches' records: not alive beside the tile
             yield start, tile
@@ -481,7 +483,7 @@ def _train_tiles(method, batches):
             start = off
         buf.append(recs)
         count += b
-        size += sum(_record_bytes(r) for r in recs.values())
+        size += nbytes
     if buf:
         tile = joined()
         buf = []

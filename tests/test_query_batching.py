@@ -413,3 +413,22 @@ def test_arena_reuses_memory_only_when_released():
     del d, e, big
     ar.reset()
     assert ar.mem is None and ar.need >= 4000    # grown at the next take
+
+
+def test_train_tiles_stay_within_the_byte_bound(monkeypatch):
+    """A tile joins batches while their records stay within train_tile()'s bytes (a batch above
+    the bound is a tile alone), not until they first pass it: 3 batches of 40 bytes under a
+    100-byte bound are tiles of 2 and 1."""
+    class M:
+        def train_layers(self, layers):
+            return layers
+
+    def batch(off):
+        return off, {"l": layers.LayerBatch(torch.ones(2, 1, 2), torch.ones(2, 1, 3), None)}
+    per = scoring._record_bytes(batch(0)[1]["l"])                  # 2·(2 + 3)·4 = 40 bytes
+    monkeypatch.setattr(scoring, "train_tile", lambda: (100, int(2.5 * per)))
+    tiles = [(o, len(t["l"])) for o, t in scoring._train_tiles(M(), [batch(2 * i) for i in range(3)])]
+    assert tiles == [(0, 4), (4, 2)]
+    monkeypatch.setattr(scoring, "train_tile", lambda: (100, per // 2))
+    tiles = [(o, len(t["l"])) for o, t in scoring._train_tiles(M(), [batch(2 * i) for i in range(3)])]
+    assert tiles == [(0, 2), (2, 2), (4, 2)]
