@@ -193,7 +193,7 @@ class BlockRecorder:
             def hook(mod, args, kwargs):
                 self.calls[b] = self.calls.get(b, 0) + 1
                 self.current.append(b)
-                if self.problem is None and torch.is_grad_enabled() and r.keeps(b):
+                if self.problem is None and torch.is_grad_enabled():
                     try:
                         self.batch.args[b] = (_freeze(args, self.memo), _freeze(kwargs, self.memo))
                     except _Unreplayable as e:
@@ -204,8 +204,6 @@ class BlockRecorder:
             def hook(mod, args, kwargs, out):
                 if self.current and self.current[-1] == b:
                     self.current.pop()
-                if not r.keeps(b):
-                    return
                 ts = _grad_tensors(out)
                 self.outs[b] = ts
                 self.batch.checks[b] = _check(ts)
@@ -213,18 +211,20 @@ class BlockRecorder:
 
         def layer(name):
             def hook(mod, args):
-                if r.block_of[name] not in self.current and self.problem is None and \
-                        r.keeps(r.block_of[name]):
+                if r.block_of[name] not in self.current and self.problem is None:
                     self.problem = (f"tracked layer {name!r} is called outside its block "
                                     f"{r.names[r.block_of[name]]!r}")
             return hook
 
         try:
+            # only the blocks kept (BlockReplay.restrict), and their layers, are watched
             for b, blk in enumerate(r.blocks):
-                handles.append(blk.register_forward_pre_hook(pre(b), with_kwargs=True))
-                handles.append(blk.register_forward_hook(post(b), with_kwargs=True))
+                if r.keeps(b):
+                    handles.append(blk.register_forward_pre_hook(pre(b), with_kwargs=True))
+                    handles.append(blk.register_forward_hook(post(b), with_kwargs=True))
             for name, m in r.layers.items():
-                handles.append(m.register_forward_pre_hook(layer(name)))
+                if r.keeps(r.block_of[name]):
+                    handles.append(m.register_forward_pre_hook(layer(name)))
             yield self
         finally:
             for h in handles:
@@ -236,7 +236,7 @@ class BlockRecorder:
     def keep(self, grads) -> None:
         r = self.replay
         if self.problem is None:
-            twice = [b for b, n in self.calls.items() if n != 1 and r.keeps(b)]
+            twice = [b for b, n in self.calls.items() if n != 1]
             missing = [b for b in range(len(r.blocks)) if b not in self.batch.args and r.keeps(b)]
             if twice:
                 self.problem = (f"block {r.names[twice[0]]!r} is called {self.calls[twice[0]]} "

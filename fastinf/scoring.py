@@ -308,8 +308,9 @@ def _replay_groups(sizes: Dict[str, int], budget: int, Q: int, first: int, train
     needed = set(block_of.values())
     best = None
     while True:
-        rec = sum(min(r.budget, r.block_bytes(needed) * Q // first)
-                  + min(r.budget, r.block_bytes(needed) * train_size // first) for r in replays)
+        per = [r.block_bytes(needed) for r in replays]
+        rec = sum(min(r.budget, b * Q // first) + min(r.budget, b * train_size // first)
+                  for r, b in zip(replays, per))
         if Q * max(sizes.values()) > budget - rec:
             return best
         groups = _groups_by_block(sizes, (budget - rec) // Q, block_of)
