@@ -62,5 +62,8 @@ def factor_pass(model: nn.Module, loss_fn: Callable, data, modules: Dict[str, nn
                 factors = capture(model, loss_fn, batch, modules, token_mask=mask, offset=offset,
                                   what=what, record=None if replay is None
                                   else replay.recorder(base + offset), zero_masked=zero_masked)
-            yield offset, factors
-            bar.update(next(iter(factors.values())).A.shape[0])
+            b = next(iter(factors.values())).A.shape[0]
+            box = [factors]     # not held by this frame while the consumer has it (a train
+            del factors         # tile would keep its last batch alive beside it)
+            yield offset, box.pop()
+            bar.update(b)
