@@ -38,7 +38,7 @@ from . import distributed as dist
 from . import scoring
 from ._pass import factor_pass, model_device
 from .capture import NonFiniteError, layer_shape, tracked_modules, tracking_summary
-from .layers import DenseLayer, Eigen, LayerBatch
+from .layers import DenseLayer, Eigen, EigenTokens, LayerBatch
 from .ops import _common as c
 from .ops.ekfac_lambda import ekfac_lambda, kept_index, take_rows
 from .store import hash_state
@@ -230,6 +230,13 @@ class EKFAC:
             dtype, float32 for float32/bf16 models (their covariances are summed in float32, so
             a float32 eigh loses nothing they hold, at half the time of float64), float64 for
             float64 models. ``torch.float64`` forces float64 (Kronfluence's default).
+
+    Attributes:
+        compact_queries: True (default): where the exact queries' preconditioned gradients do
+            not fit the query memory budget densely (``[Q, dout, din]`` per layer), layers with
+            few tokens against their width keep them as rotated tokens, ``T·(din + dout)`` per
+            query, rebuilt per train tile (:class:`fastinf.layers.EigenTokens`), when that is
+            cheaper than the extra passes the dense form needs; same scores. False: always dense.
     """
 
     force_rotation: Optional[str] = None   # "tokens" / "dense" overrides rotates_tokens' rule
@@ -489,8 +496,12 @@ class EKFAC:
 
     writes_into = True      # query_layers takes sink= (fastinf.scoring writes into its buffers)
 
+    # query_layers takes compact=: exact queries kept as rotated tokens (EigenTokens) where the
+    # engine finds that cheaper (fastinf.scoring.query_batches); False keeps them dense
+    compact_queries: bool = True
+
     def query_layers(self, layers: Dict[str, LayerBatch], query_rank: Optional[int] = None,
-                     sink=None, query_svd: str = "randomized"):
+                     sink=None, query_svd: str = "randomized", compact=False):
         """The preconditioned query gradients ``H⁻¹D_q`` per layer, kept in the eigenbasis:
         ``Eigen(X_q [Q, dout, din], Q_A, Q_S)`` with ``X_q = (Q_Sᵀ D_q Q_A) ⊘ (Λ + λ)`` (from
         rotated tokens where cheaper, :meth:`rotated`); scores are taken against rotated train
@@ -505,11 +516,28 @@ class EKFAC:
         G=(Q_S L)ᵀ [Q, r, dout])``, ``Q·r·(din + dout)`` numbers per layer.
 
         H⁻¹D_q is not of rank ≤ T_q in general (the ⊘ (Λ+λ) is elementwise), so exact scores
-        keep the dense ``X_q``. ``sink(name, B, (dout, din), dtype, device)``: where to write a
-        layer's ``X_q`` (the query state's buffer, so it is not copied there), or None."""
+        keep ``X_q``, either dense or, with ``compact``, as the rotated tokens it is rebuilt from
+        per train tile (:class:`fastinf.layers.EigenTokens`, ``T·(din + dout)`` numbers per query
+        instead of ``din·dout``; ``compact=True``: the layers where that is fewer for this batch,
+        a set: those layers; ignored with ``query_rank``). The engine chooses it where the
+        queries do not fit its memory budget densely (:func:`fastinf.scoring.query_batches`).
+        ``sink(name, B, (dout, din), dtype, device)``: where to write a layer's ``X_q`` (the
+        query state's buffer, so it is not copied there), or None; ``sink.tokens(name, B, T,
+        din, dout, dtype, device)``, where present: the same for the rotated tokens."""
         out = {}
         for name, lb in layers.items():
             L = self.factors[name]
+            if query_rank is None and isinstance(lb, LayerBatch) and (
+                    name in compact if isinstance(compact, (set, frozenset)) else
+                    compact and lb.A.shape[1] * (lb.din + lb.dout) < lb.din * lb.dout):
+                dt = self.dtype
+                B, T = lb.A.shape[:2]
+                dst = None if sink is None or not hasattr(sink, "tokens") else \
+                    sink.tokens(name, B, T, lb.din, lb.dout, dt, L["QA"].device)
+                At, Gt = c.rotate_tokens(lb.A.detach().to(dt), lb.G.detach().to(dt), L["QA"],
+                                         L["QS"], lb.mask, out=dst)
+                out[name] = EigenTokens(At, Gt, L["lam"], L["damping"], L["QA"], L["QS"])
+                continue
             dst, shape = None, (len(lb), L["QS"].shape[0], L["QA"].shape[0])
             if sink is not None and query_rank is None:
                 dst = sink(name, shape[0], shape[1:], self.dtype, L["QA"].device)

@@ -17,6 +17,7 @@ this module imports only the ops.
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
@@ -26,16 +27,14 @@ import torch.nn.functional as F
 
 from .ops import _common as c
 from .ops import flops as _op_flops
-from .ops.score_dense import score_dense
+from .ops.score_dense import D_TILE, score_dense
 from .ops.score_factored import score_factored
 
 
-@dataclass
-class LayerBatch:
-    """Factors of one tracked layer for one batch."""
-    A: torch.Tensor                      # [B, T, din]  layer inputs (bias column appended)
-    G: torch.Tensor                      # [B, T, dout] gradients w.r.t. the layer outputs
-    mask: Optional[torch.Tensor] = None  # [B, T] bool, False for excluded (padding) tokens
+class _Tokens:
+    """Sizes of a record of tokens ``A [B, T, din]``, ``G [B, T, dout]``."""
+    A: torch.Tensor
+    G: torch.Tensor
 
     @property
     def din(self) -> int:
@@ -47,6 +46,14 @@ class LayerBatch:
 
     def __len__(self) -> int:
         return self.A.shape[0]
+
+
+@dataclass
+class LayerBatch(_Tokens):
+    """Factors of one tracked layer for one batch."""
+    A: torch.Tensor                      # [B, T, din]  layer inputs (bias column appended)
+    G: torch.Tensor                      # [B, T, dout] gradients w.r.t. the layer outputs
+    mask: Optional[torch.Tensor] = None  # [B, T] bool, False for excluded (padding) tokens
 
     def to(self, dtype: torch.dtype) -> "LayerBatch":
         return LayerBatch(self.A.detach().to(dtype), self.G.detach().to(dtype), self.mask)
@@ -96,25 +103,96 @@ class Eigen:
         return self.QS @ self.X @ self.QA.T
 
 
-Record = Union[LayerBatch, DenseLayer, Projected, Eigen]
+@dataclass
+class EigenTokens(_Tokens):
+    """EK-FAC's exact preconditioned queries kept as rotated tokens: ``A = A_q Q_A [B, T, din]``,
+    ``G = G_q Q_S [B, T, dout]`` (rows of excluded tokens 0) and the layer's eigenvalues
+    ``lam [dout, din]`` and ``damping``, standing for ``M = Q_S X Q_Aᵀ`` with
+    ``X = (Gᵀ A) ⊘ (lam + damping)``. The same exact scores as :class:`Eigen` in
+    ``T·(din + dout)`` numbers per query instead of ``din·dout``; ``X`` is rebuilt per train tile
+    in query chunks (``2·B·T·din·dout`` FLOPs, :meth:`eigen`), never kept."""
+    A: torch.Tensor
+    G: torch.Tensor
+    lam: torch.Tensor
+    damping: float
+    QA: torch.Tensor
+    QS: torch.Tensor
+
+    mask = None          # rotated padding rows are 0: no mask (a record field of LayerBatch)
+
+    def dense_bytes(self) -> int:
+        """Bytes per query of the :class:`Eigen` form of this record."""
+        return self.din * self.dout * self.A.element_size()
+
+    def eigen(self, q0: int = 0, q1: Optional[int] = None, out: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+        """``X [q1 - q0, dout, din]`` of queries ``[q0, q1)`` (into ``out`` if given)."""
+        G, A = self.G[q0:q1], self.A[q0:q1]
+        X = torch.bmm(G.transpose(1, 2), A, out=out)
+        return X.div_(self.lam.to(X.dtype) + self.damping)
+
+    def to_eigen(self) -> Eigen:
+        """The :class:`Eigen` record of the same queries (``[B, dout, din]``, kept)."""
+        return Eigen(self.eigen().contiguous(), self.QA, self.QS)
+
+    def chunks(self, dtype: torch.dtype):
+        """``(q0, X [q, dout, din])`` in ``dtype`` over the queries, in query chunks bounded by the
+        workspace (each chunk a scratch tile, valid until the next one is asked for)."""
+        per = self.dout * self.din * torch.empty((), dtype=dtype).element_size()
+        qc = c.chunk(len(self), per)
+        for q0 in range(0, len(self), qc):
+            q1 = min(len(self), q0 + qc)
+            buf = c.scratch("layers.eigen_tokens", (q1 - q0, self.dout, self.din), dtype,
+                            self.A.device)
+            if self.A.dtype == dtype:
+                yield q0, self.eigen(q0, q1, out=buf)
+            else:
+                yield q0, buf.copy_(self.eigen(q0, q1))
 
 
-def _cat_factors(records: List[LayerBatch]) -> LayerBatch:
+Record = Union[LayerBatch, DenseLayer, Projected, Eigen, EigenTokens]
+
+
+def _cat_factors(records: List[Union[LayerBatch, EigenTokens]], alloc=None
+                 ) -> Union[LayerBatch, EigenTokens]:
+    """The records (consumed: the list is emptied) joined along the examples, tokens padded to
+    the longest. Each batch's record is copied into the joined buffers and dropped at once, so
+    the part is held once plus one batch, not twice; ``alloc(shape, dtype, device)``: where the
+    buffers come from (an :class:`Arena`'s, None: fresh)."""
+    tokens = isinstance(records[0], EigenTokens)
     if len(records) == 1:
-        r = records[0]
+        r = records.pop()
+        if tokens:
+            return dataclasses.replace(r, A=r.A.contiguous(), G=r.G.contiguous())
         return LayerBatch(r.A.contiguous(), r.G.contiguous(), r.mask)
+    A0, G0 = records[0].A, records[0].G
+    rest = {f.name: getattr(records[0], f.name) for f in dataclasses.fields(records[0])
+            if f.name not in ("A", "G", "mask")}         # EigenTokens' eigenbasis
     S = max(r.A.shape[1] for r in records)
-
-    def padded(X):      # F.pad copies even when it pads nothing: a second tile at the peak
-        return X if X.shape[1] == S else F.pad(X, (0, 0, 0, S - X.shape[1]))
-    A = torch.cat([padded(r.A) for r in records], 0)
-    G = torch.cat([padded(r.G) for r in records], 0)
-    mask = None
-    if any(r.mask is not None or r.A.shape[1] != S for r in records):
-        ones = [r.mask if r.mask is not None else
-                torch.ones(r.A.shape[:2], dtype=torch.bool, device=r.A.device) for r in records]
-        mask = torch.cat([F.pad(m, (0, S - m.shape[1]), value=False) for m in ones], 0)
-    return LayerBatch(A.contiguous(), G.contiguous(), mask)
+    n = sum(r.A.shape[0] for r in records)
+    masked = not tokens and any(r.mask is not None or r.A.shape[1] != S for r in records)
+    alloc = alloc or (lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+    A = alloc((n, S, A0.shape[2]), A0.dtype, A0.device)
+    G = alloc((n, S, G0.shape[2]), G0.dtype, G0.device)
+    mask = torch.zeros(n, S, dtype=torch.bool, device=A0.device) if masked else None
+    del A0, G0
+    o = 0
+    with torch.no_grad():
+        while records:
+            r = records.pop(0)
+            b, t = r.A.shape[:2]
+            A[o:o + b, :t].copy_(r.A)
+            G[o:o + b, :t].copy_(r.G)
+            if t < S:        # padding rows: 0 (rotated excluded tokens are 0 too) and masked
+                A[o:o + b, t:].zero_()
+                G[o:o + b, t:].zero_()
+            if mask is not None:
+                mask[o:o + b, :t] = True if r.mask is None else r.mask
+            o += b
+            del r
+    if tokens:          # padding rows are 0 like the rotated excluded tokens: no mask
+        return EigenTokens(A, G, **rest)
+    return LayerBatch(A, G, mask)
 
 
 class Arena:
@@ -171,7 +249,8 @@ class RecordStack:
         self.n, self.off = n, 0
         self.rec: Optional[Record] = None
         self.factors: List[LayerBatch] = []
-        self._buf: Optional[torch.Tensor] = None
+        self._buf: Optional[torch.Tensor] = None      # or (A, G) of token records
+        self._meta: Optional[EigenTokens] = None       # the last token record written there
         self._arena = arena
 
     def _alloc(self, shape, dtype, device) -> torch.Tensor:
@@ -184,7 +263,7 @@ class RecordStack:
         """The rows ``[off, off + b)`` of the buffer, ``[b, *shape]``, for a producer to write
         its next record's tensor into (then :meth:`add` copies nothing); None where the buffer
         has another shape or dtype."""
-        if self.off + b > self.n or self.factors:
+        if self.off + b > self.n or self.factors or isinstance(self._buf, tuple):
             return None
         if self._buf is None:
             if self.rec is not None:
@@ -194,11 +273,43 @@ class RecordStack:
             return None
         return self._buf[self.off:self.off + b]
 
+    def reserve_tokens(self, b: int, T: int, din: int, dout: int, dtype: torch.dtype, device):
+        """``(A [b, T, din], G [b, T, dout])``: the rows ``[off, off + b)`` of the token buffers of
+        :class:`EigenTokens` records, for the producer to write its next record's rotated tokens
+        into (allocated at the first batch, from the arena if any), or None where they do not
+        fit (another token count: the records are then padded and joined at the end)."""
+        if self.off + b > self.n or self.factors or self.rec is not None:
+            return None
+        if self._buf is None:
+            self._buf = (self._alloc((T, din), dtype, device), self._alloc((T, dout), dtype, device))
+        A, G = self._buf if isinstance(self._buf, tuple) else (None, None)
+        if A is None or A.shape[1:] != (T, din) or G.shape[2] != dout or A.dtype != dtype:
+            return None
+        return A[self.off:self.off + b], G[self.off:self.off + b]
+
     def add(self, r: Record) -> None:
         b = len(r)
         if self.off + b > self.n:
             raise ValueError(f"RecordStack: {self.off + b} examples added, {self.n} expected")
-        if isinstance(r, LayerBatch):
+        if isinstance(r, EigenTokens) and self._buf is None and not self.factors and b < self.n:
+            self._buf = (self._alloc(r.A.shape[1:], r.A.dtype, r.A.device),     # a first batch
+                         self._alloc(r.G.shape[1:], r.G.dtype, r.G.device))     # made elsewhere
+        if isinstance(r, EigenTokens) and isinstance(self._buf, tuple) and not self.factors:
+            A, G = (t[self.off:self.off + b] for t in self._buf)
+            if r.A.shape == A.shape and r.G.shape == G.shape and r.A.dtype == A.dtype:
+                with torch.no_grad():          # else written there (reserve_tokens)
+                    for t, dst in ((r.A, A), (r.G, G)):
+                        if t.data_ptr() != dst.data_ptr():
+                            dst.copy_(t)
+                self._meta = dataclasses.replace(r, A=None, G=None)
+                self.off += b
+                return
+            # another token count: the rows so far become the first of the joined records
+            if self.off:
+                self.factors.append(dataclasses.replace(r, A=self._buf[0][:self.off],
+                                                        G=self._buf[1][:self.off]))
+            self._buf = None
+        if isinstance(r, (LayerBatch, EigenTokens)):
             self.factors.append(r)
         elif self.rec is None and b == self.n and self._buf is None:
             self.rec = r
@@ -222,7 +333,12 @@ class RecordStack:
             raise ValueError(f"RecordStack: {self.off} examples added, {self.n} expected")
         if self.factors:    # concatenated once; the batches' records are dropped here, not
             # when the stack goes (they would double the query state while it is scored)
-            self.rec, self.factors = _cat_factors(self.factors), []
+            alloc = None if self._arena is None else \
+                (lambda shape, dtype, device: self._arena.take(shape, dtype, device))
+            self.rec = _cat_factors(self.factors, alloc)
+        elif isinstance(self._buf, tuple):
+            self.rec = dataclasses.replace(self._meta, A=self._buf[0], G=self._buf[1])
+            self._buf = self._meta = None
         return self.rec
 
 
@@ -277,6 +393,10 @@ class Query:
         """``(q0, D [q, dout, din])`` over the queries: the kept dense form in one piece, or a
         factor record's dense form rebuilt in workspace-sized query chunks (not kept)."""
         r = self.rec
+        if isinstance(r, EigenTokens):      # rotated back chunk by chunk
+            for q0, X in r.chunks(r.A.dtype):
+                yield q0, r.QS @ X @ r.QA.T
+            return
         if not isinstance(r, LayerBatch):
             yield 0, self.dense()
             return
@@ -314,6 +434,8 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
         return score_tokens(train, q, dtype)
     if isinstance(r, Projected):
         return train.X.to(dtype) @ r.X.to(dtype).T
+    if isinstance(r, EigenTokens):
+        return _score_eigen_tokens(train, r, dtype, backend)
     if isinstance(train, DenseLayer):
         D = train.D.to(dtype).flatten(1)
         return torch.cat([D @ Dq.to(dtype).flatten(1).T for _, Dq in q.dense_chunks()], 1)
@@ -330,6 +452,52 @@ def score(train: Record, q: Query, dtype: torch.dtype, backend: Optional[str] = 
     return s.to(dtype)
 
 
+def _score_eigen_tokens(train: Record, r: EigenTokens, dtype: torch.dtype,
+                        backend: Optional[str]) -> torch.Tensor:
+    """``[B, Q]`` against :class:`EigenTokens` queries: the train side rotated into the
+    eigenbasis once (tokens, or a dense gradient ``Q_Sᵀ D_n Q_A``), then, a chunk of rows at a
+    time, the train gradients' rows ``D'_n[e0:e1]`` and the queries' ``X_q[e0:e1]`` rebuilt
+    from their tokens side by side and contracted by one GEMM (``score_dense``'s materialize
+    order with ``X`` built as it is read): the chunks stay cache-sized (``D_TILE`` on the
+    CPU) and ``X`` is never whole. ``2·dout·din·(B·T + Q·S + B·Q)`` FLOPs."""
+    QA, QS = r.QA.to(dtype), r.QS.to(dtype)
+    B, Q = len(train), len(r)
+    out = torch.zeros(B, Q, dtype=dtype, device=QA.device)
+    if B == 0 or Q == 0:
+        return out
+    dout, din = r.dout, r.din
+    Aq, Gq = r.A.to(dtype), r.G.to(dtype)
+    inv = 1.0 / (r.lam.to(dtype) + r.damping)
+    if isinstance(train, DenseLayer):
+        R = QS.T @ train.D.to(dtype) @ QA
+
+        def rows(e0, e1, _):
+            return R[:, e0:e1]
+    else:
+        # A rotated whole, G a chunk of columns at a time: one rotated copy of the tile's layer
+        # is held, not two (masked rows 0 in both, NaN-safe)
+        At = c.rotate_rows(train.A.detach().to(dtype), QA, train.mask)
+        G, keep = train.G.detach().to(dtype), train.mask
+
+        def rows(e0, e1, buf):
+            Gc = G @ QS[:, e0:e1]
+            if keep is not None:
+                Gc.masked_fill_(~keep[..., None], 0)
+            return torch.bmm(Gc.transpose(1, 2), At, out=buf)
+    row = din * torch.empty((), dtype=dtype).element_size()      # one row of one matrix
+    ws = min(c.workspace_bytes(), D_TILE) if QA.device.type == "cpu" else c.workspace_bytes()
+    ec = max(1, min(dout, ws // ((B + Q) * row)))
+    ec = -(-dout // -(-dout // ec))                                 # evened out
+    for e0 in range(0, dout, ec):
+        e1 = min(dout, e0 + ec)
+        D = rows(e0, e1, c.scratch("layers.eigen_tokens.D", (B, e1 - e0, din), dtype, QA.device))
+        X = torch.bmm(Gq[:, :, e0:e1].transpose(1, 2), Aq,
+                      out=c.scratch("layers.eigen_tokens.X", (Q, e1 - e0, din), dtype, QA.device))
+        X.mul_(inv[e0:e1])
+        out.addmm_(D.flatten(1), X.flatten(1).T)
+    return out
+
+
 def score_tokens(train: Record, q: Query, dtype: torch.dtype) -> torch.Tensor:
     """``[B, Q, T]`` per-token scores ``g_{n,t}ᵀ M_q a_{n,t}`` (``M_q`` the query's dense form),
     or ``Σ_s (a_{n,t}·v_{q,s})(g_{n,t}·u_{q,s})`` against factor queries; masked tokens are 0 and
@@ -343,8 +511,12 @@ def score_tokens(train: Record, q: Query, dtype: torch.dtype) -> torch.Tensor:
                          "projection")
     if isinstance(q.rec, Projected):
         raise ValueError("per_token=True needs per-layer query records, not a projection")
-    A = c.mask_rows(train.A.detach().to(dtype), train.mask)
-    G = c.mask_rows(train.G.detach().to(dtype), train.mask)
+    if isinstance(q.rec, EigenTokens):      # in the eigenbasis: M_q = Q_S X_q Q_Aᵀ
+        A, G = c.rotate_tokens(train.A.detach().to(dtype), train.G.detach().to(dtype),
+                               q.rec.QA.to(dtype), q.rec.QS.to(dtype), train.mask)
+    else:
+        A = c.mask_rows(train.A.detach().to(dtype), train.mask)
+        G = c.mask_rows(train.G.detach().to(dtype), train.mask)
     B, T, din = A.shape
     dout = G.shape[2]
     factors = isinstance(q.rec, LayerBatch) and not q._prefer_dense(train)
@@ -364,7 +536,8 @@ def score_tokens(train: Record, q: Query, dtype: torch.dtype) -> torch.Tensor:
             kg = torch.einsum("bte,qse->bqts", G[b0:b0 + nb], U)
             out[b0:b0 + nb] = (ka * kg).sum(3)
         return out
-    for q0, M in q.dense_chunks():                              # [q, dout, din]
+    chunks = q.rec.chunks(dtype) if isinstance(q.rec, EigenTokens) else q.dense_chunks()
+    for q0, M in chunks:                                        # [q, dout, din]
         M = M.to(dtype)
         for b0 in range(0, B, nb):
             Ma = torch.einsum("qed,btd->bqte", M, A[b0:b0 + nb])  # M_q a_t

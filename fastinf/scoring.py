@@ -43,7 +43,7 @@ from .capture import layer_shape
 from .data import _check_batch_size, num_examples
 from .replay import BlockReplay
 from .ops._common import release_heap, release_scratch
-from .layers import (Arena, Eigen, LayerBatch, Projected, Query, RecordStack, cat_parts,
+from .layers import (Arena, Eigen, EigenTokens, LayerBatch, Projected, Query, RecordStack, cat_parts,
                      choose_layouts, decode, encode, score)
 from .store import Store, StoreWriter, build_lock, hash_state
 
@@ -164,9 +164,16 @@ def _query_records(method, query, batch_size: int, measurement_fn=None, names=No
 
 def _sink(stacks: Dict[str, RecordStack], n: int, arena=None):
     """``sink(part, b, shape, dtype, device)``: where a method writes the next ``b`` rows of a
-    part's query state (the part's :class:`RecordStack` buffer; None: a fresh tensor)."""
+    part's query state (the part's :class:`RecordStack` buffer; None: a fresh tensor);
+    ``sink.tokens(part, b, T, din, dout, dtype, device)``: the ``(A, G)`` rows of token
+    queries' buffers (:meth:`fastinf.layers.RecordStack.reserve_tokens`)."""
     def sink(part, b, shape, dtype, device):
         return stacks.setdefault(part, RecordStack(n, arena)).reserve(b, shape, dtype, device)
+
+    def tokens(part, b, T, din, dout, dtype, device):    # EigenTokens' (A, G) rows, or None
+        return stacks.setdefault(part, RecordStack(n, arena)).reserve_tokens(
+            b, T, din, dout, dtype, device)
+    sink.tokens = tokens
     return sink
 
 
@@ -208,11 +215,11 @@ def query_memory_bytes() -> int:
     bytes of query state one query batch (or group of layers) holds. Peak memory is about the
     process's own (model, factors) + this budget + one train batch's capture and scoring
     workspace (~0.4 GB for the d=256, T=48 transformer of ``bench/e2e/ekfac_cost.py`` at
-    batch 32). On that transformer's 256-query exact pairwise (8 groups of layers, see
-    :func:`query_batches`) 512 peaks at 1.13-1.21 GB, under Kronfluence's 1.30 GB, in the time
-    the query batches of the former default 1024 took (2.34 GB); 1024 now gives 4 groups,
-    1.70 GB and 0.62x that time (1 thread, shared machine). A larger budget means fewer
-    passes: raise it where memory allows."""
+    batch 32). On the d=256 transformer of ``bench/peers/transformer.py`` (256 queries × 256
+    train, T=48) exact pairwise under 512 takes 4 groups of layers (queries kept as rotated
+    tokens, :func:`query_batches`) and peaks at 1.21-1.22 GB of RSS against Kronfluence's
+    1.30-1.35 GB (2026-12-08, 2 threads). A larger budget means fewer passes: raise it where
+    memory allows."""
     return int(float(os.environ.get("FASTINF_QUERY_MEMORY_MB", "512")) * 2**20)
 
 
@@ -235,14 +242,16 @@ def _layer_names(method, st):
     return list(st) if set(st) < set(method.modules) else None
 
 
-def _part_bytes(items, n: int) -> Dict[str, int]:
-    """``{part: bytes per query}`` of ``(term, records)`` items of ``n`` queries (a function of
-    its own: a loop variable of the generator :func:`query_batches` would keep the last
-    records alive across all its query batches)."""
+def _part_bytes(items, n: int, dense: bool = False) -> Dict[str, int]:
+    """``{part: bytes per query}`` of ``(term, records)`` items of ``n`` queries (``dense``:
+    token queries counted in their dense form; a function of its own: a loop variable of the
+    generator :func:`query_batches` would keep the last records alive across all its query
+    batches)."""
     sizes: Dict[str, int] = {}
     for _, recs in items:
         for p, r in recs.items():
-            sizes[p] = sizes.get(p, 0) + _record_bytes(r) // n
+            b = r.dense_bytes() if dense and isinstance(r, EigenTokens) else _record_bytes(r) // n
+            sizes[p] = sizes.get(p, 0) + b
     return sizes
 
 
@@ -323,6 +332,63 @@ def _replay_groups(sizes: Dict[str, int], budget: int, Q: int, first: int, train
         needed = touched
 
 
+def _plan(sizes: Dict[str, int], budget: int, Q: int, first: int, batch_size: int,
+          train_size, replays, per_layer: bool):
+    """``(kind, query batch size, groups of layers, replayed blocks)`` for query parts of
+    ``sizes`` bytes per query (see :func:`query_batches`); kind ``"one"`` (all queries at
+    once), ``"batches"`` (query batches), ``"replay"`` (groups of layers by block replay) or
+    ``"groups"`` (groups of layers by full passes)."""
+    qbs = max(first, budget // max(1, sum(sizes.values())))
+    if qbs >= Q:
+        return "one", qbs, [None], None
+    if per_layer and train_size is not None and Q <= train_size and \
+            Q * max(sizes.values()) <= budget:
+        # block records of the queries and of the train set, within the same budget
+        plan = _replay_groups(sizes, budget, Q, first, train_size, replays) \
+            if replays and all(r.active for r in replays) else None
+        if plan is not None:
+            return "replay", Q, plan[0], plan[1]
+        return "groups", Q, _groups(sizes, budget // Q), None
+    if batch_size < qbs:
+        qbs = qbs // batch_size * batch_size       # whole capture batches
+    return "batches", qbs, [None], None
+
+
+def _plan_cost(plan, head, tokens, Q: int, train_size, replays) -> float:
+    """A plan's FLOPs beyond those every plan spends (:func:`query_batches` picks the cheaper of
+    dense and token queries, :class:`fastinf.layers.EigenTokens`): the passes it repeats, about
+    ``4·n·T·din·dout`` per layer and example (forward and input gradients: a later group's block
+    replay over the queries and the train set, a full pass per later group or query batch), and
+    for token queries (``tokens``) the rebuild of ``X_q`` per train tile, ``2·Q·T·din·dout`` per
+    layer. Without a train size (a store, per-token scores) the count of query passes."""
+    kind, qbs, groups, _ = plan
+    if train_size is None:
+        return float(-(-Q // qbs))
+    recs = head[0][1]
+    T = max(recs[p].A.shape[1] for p in tokens)
+    el = recs[next(iter(tokens))].A.element_size()
+    shape = {p: (r.dout, r.din) if isinstance(r, EigenTokens) else tuple(r.X.shape[1:])
+             for p, r in recs.items()}
+    P = {p: d * i for p, (d, i) in shape.items()}
+    most, cap = train_tile()
+    cost = 0.0
+    for g in groups:
+        names = list(recs) if g is None else g
+        per_example = T * el * sum(sum(shape[p]) for p in names)
+        tile = max(1, min(most, cap // max(1, per_example)))
+        rebuild = 2.0 * min(Q, qbs) * T * sum(P[p] for p in names if p in tokens)
+        cost += -(-Q // qbs) * -(-train_size // tile) * rebuild
+    if kind == "batches":
+        cost += (-(-Q // qbs) - 1) * 4.0 * train_size * T * sum(P.values())
+    elif kind in ("groups", "replay"):
+        block_of = replays[0].block_of if kind == "replay" else {}
+        for g in groups[1:]:
+            blocks = {block_of.get(p) for p in g}
+            cost += 4.0 * (Q + train_size) * T * sum(
+                P[p] for p in P if kind == "groups" or block_of.get(p) in blocks)
+    return cost
+
+
 def _slice(data, start, stop, n):
     return data if (start, stop) == (0, n) else subset(data, start, stop)
 
@@ -354,7 +420,15 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
     (:func:`_groups_by_block`, one block replayed per later group), and the
     block records of the queries and of the train set (estimated from the first batch) count
     against the same budget. ``train_replays`` (a dict) then receives the train side's
-    :class:`fastinf.replay.BlockReplay` per term, for :func:`_data_block`."""
+    :class:`fastinf.replay.BlockReplay` per term, for :func:`_data_block`.
+
+    EK-FAC's exact queries (``compact_queries``, default True) are measured in both forms: dense
+    (``X_q [dout, din]`` per query) and, for layers with ``T·(din + dout) < din·dout``, as
+    rotated tokens (:class:`fastinf.layers.EigenTokens`, ``X_q`` rebuilt per train tile). Where
+    the dense state does not fit the budget at once, the plan of each form is made and the one
+    of fewer FLOPs kept (:func:`_plan_cost`: repeated passes against rebuilds); on the d=256
+    ``bench/peers`` transformers the token form needs 4 groups of layers where the dense one
+    needs 12-13, and pairwise takes ~10% less time."""
     _check_batch_size(batch_size)
     _check_query_batch_size(query_batch_size)
     Q = num_examples(query, "query")
@@ -367,32 +441,34 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
         first = min(Q, batch_size)
         if train_size is not None:     # groups of layers possible: record the blocks
             replays = _replays(method, "query")
+        compact = all(getattr(m, "compact_queries", False) for m, _, _ in method.terms())
         head = list(_query_records(method, _slice(query, 0, first, Q), batch_size,
-                                   measurement_fn, replays=replays, **options))
+                                   measurement_fn, replays=replays,
+                                   **(dict(options, compact=True) if compact else options)))
         sizes = _part_bytes(head, first)
+        tokens = {p for _, recs in head for p, r in recs.items() if isinstance(r, EigenTokens)}
+        dense = _part_bytes(head, first, dense=True)
         budget = query_memory_bytes()
-        qbs = max(first, budget // max(1, sum(sizes.values())))
         per_layer = set(sizes) <= set(method.modules) and not any(
             isinstance(r, Projected) for _, recs in head for r in recs.values())
-        if (qbs < Q and per_layer and train_size is not None and Q <= train_size
-                and Q * max(sizes.values()) <= budget):
-            # block records of the queries and of the train set, within the same budget
-            plan = _replay_groups(sizes, budget, Q, first, train_size, replays) \
-                if replays and all(r.active for r in replays) else None
-            if plan is not None:
-                groups, blocks = plan
-                for r in replays:
-                    r.restrict(blocks)
-                if train_replays is not None:
-                    train_replays.update(enumerate(_replays(method, "train", blocks)))
-            else:
-                replays = None
-                groups = _groups(sizes, budget // Q)
-            qbs = Q
+        plan = _plan(dense, budget, Q, first, batch_size, train_size, replays, per_layer)
+        if tokens and plan[0] != "one":
+            alt = _plan(sizes, budget, Q, first, batch_size, train_size, replays, per_layer)
+            if _plan_cost(alt, head, tokens, Q, train_size, replays) < \
+                    _plan_cost(plan, head, tokens, Q, train_size, replays):
+                plan = alt
+                options = dict(options, compact=frozenset(tokens))
+        if compact and "compact" not in options:   # dense queries: the head's records too
+            head = [(i, {p: r.to_eigen() if isinstance(r, EigenTokens) else r
+                         for p, r in recs.items()}) for i, recs in head]
+        kind, qbs, groups, blocks = plan
+        if kind == "replay":
+            for r in replays:
+                r.restrict(blocks)
+            if train_replays is not None:
+                train_replays.update(enumerate(_replays(method, "train", blocks)))
         else:
             replays = None
-            if batch_size < qbs < Q:
-                qbs = qbs // batch_size * batch_size       # whole capture batches
     arena = Arena()      # the buffers of one query batch (or group), reused by the next
     for group in groups:
         if group is not None:     # the head's records of the other groups are dropped
@@ -402,6 +478,8 @@ def query_batches(method, query, batch_size: int, query_batch_size=None, measure
             stop = min(Q, q0 + qbs)
             q1 = q0 + sum(len(next(iter(recs.values()))) for i, recs in head if i == 0)
             arena.reset()
+            release_heap()     # the last train pass's tiles, before this query pass: glibc
+            #                    keeps them resident (~0.1 GB more peak on Llama)
             stacks: List[Dict[str, RecordStack]] = [{} for _ in method.terms()]
             items = itertools.chain(_drain(head), _query_records(
                 method, _slice(query, q1, stop, Q), batch_size, measurement_fn, group,
@@ -430,13 +508,14 @@ def _data_block(method, state, data, batch_size, replays=None, base=0, **how
     for i, ((m, w, at), st) in enumerate(zip(method.terms(), state)):
         names = _layer_names(m, st)
         rp = None if names is None or not replays else replays.get(i)
-        tiles = any(isinstance(q.rec, (LayerBatch, Eigen)) for q in st.values())
+        tiles = any(isinstance(q.rec, (LayerBatch, Eigen, EigenTokens)) for q in st.values())
         with at():
             batches = _pass(m, data, batch_size, "train", names=names, replay=rp, base=base)
             for off, recs in _train_tiles(m, batches) if tiles else \
                     ((o, m.train_layers(lay)) for o, lay in batches):
                 s = _sum_scores(m, recs, st, **how)
                 _add_block(out, {k: v.transpose(0, 1) for k, v in s.items()}, off, n, w)
+                del recs, s     # not alive while the next tile is captured
     return out
 
 
@@ -454,7 +533,10 @@ def train_tile() -> Tuple[int, int]:
 
 def _train_tiles(method, batches):
     """``(offset, {part: record})``: the method's train records of consecutive capture batches
-    concatenated into tiles of :func:`train_tile`."""
+    concatenated into tiles of :func:`train_tile`. A tile is handed on as soon as another batch
+    like its last would not fit, before that batch is captured, and neither the batch records
+    nor the last tile are held while the next is built (a tile and a batch beside it were
+    ~0.1 GB of the d=256 transformer's exact pairwise peak)."""
     most, cap = train_tile()
     buf: List[Dict[str, object]] = []
     start, count, size = 0, 0, 0
@@ -472,19 +554,25 @@ def _train_tiles(method, batches):
 
     for off, layers in batches:
         recs = method.train_layers(layers)
+        del layers
         b = len(next(iter(recs.values())))
         nbytes = sum(_record_bytes(r) for r in recs.values())
-        if buf and (count + b > most or size + nbytes > cap):   # within both bounds (a
-            #                                                     batch above them: a tile alone)
+        if buf and (count + b > most or size + nbytes > cap):   # a batch unlike the last
             tile = joined()
-            buf, count, size = [], 0, 0     # the batches' records: not alive beside the tile
+            buf, count, size = [], 0, 0
             yield start, tile
             del tile
         if not buf:
             start = off
         buf.append(recs)
+        del recs
         count += b
         size += nbytes
+        if count + b > most or size + nbytes > cap:     # another batch like it would not fit:
+            tile = joined()     # the tile now, before that batch is captured (it would be
+            buf, count, size = [], 0, 0     # alive beside the tile while it is scored)
+            yield start, tile
+            del tile
     if buf:
         tile = joined()
         buf = []

@@ -160,9 +160,10 @@ def test_replay_equals_full_passes(f64, monkeypatch):
     got = ek.pairwise_scores(query, train, batch_size=4)
     _close(got, ref)
     assert len(groups) > 2 and c.disabled == []
-    # the C heap is trimmed once per group, when its query state is assembled (the query pass's
-    # transients and the last group's, before the train pass)
-    assert len(trims) == len(groups)
+    # the C heap is trimmed twice per group: before its query pass (the last train pass's
+    # tiles) and when its query state is assembled (the query pass's transients, before the
+    # train pass)
+    assert len(trims) == 2 * len(groups)
     # every group after the first is replayed: 3 query batches + 5 train batches each
     assert c.replayed == (len(groups) - 1) * (3 + 5)
     # every layer in one group; the head (outside the blocks) in the first, which the full
@@ -240,8 +241,9 @@ def test_replay_groups_recount_the_blocks_later_groups_replay():
 def test_blocks_inside_the_first_group_are_not_recorded(f64, monkeypatch):
     """A budget under which the first group takes whole blocks once their records are not
     counted: only the block the later group replays is recorded, on both datasets, and the
-    scores equal full passes'."""
+    scores equal full passes'. (Dense queries: the plan is sized from their bytes.)"""
     ek, train, query = _setup()
+    ek.compact_queries = False
     ref = _reference(ek, query, train, monkeypatch)
     st = scoring.query_state(ek, query, 4)
     size = {p: scoring._record_bytes(q.rec) for s in st for p, q in s.items()}
