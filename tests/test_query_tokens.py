@@ -180,3 +180,28 @@ def test_engine_picks_token_queries_with_the_same_scores(f64, monkeypatch):
     _close(ek.pairwise_scores(query, train, batch_size=4), ref["all"], 1e-6)
     assert seen and all(s == {"Eigen"} for s in seen), seen
     assert len(seen) > n_tokens        # the dense form needs more groups of layers
+
+
+def test_token_queries_against_a_store(f64, monkeypatch, tmp_path):
+    """From a store (train tokens, or dense train gradients: ``layout="dense"``) the plan
+    counts query passes: under a budget of 8.5 token queries they take 2 query batches where
+    the dense form takes 3, and the scores equal those of one dense batch."""
+    ek, train, query = _fit()
+    ref = ek.pairwise_scores(query, train, batch_size=4)
+    per = {k: sum(scoring._record_bytes(q.rec) for q in scoring.query_state(
+        ek, query, 4, compact=k)[0].values()) / 9 for k in (False, True)}
+    assert per[True] < 0.8 * per[False]
+    # 8.5 token queries: batches of 8 (whole capture batches), 2 passes; dense: 4, 3 passes
+    monkeypatch.setenv("FASTINF_QUERY_MEMORY_MB", str(8.5 * per[True] / 2**20))
+    seen = _spy(monkeypatch)
+    for kw in ({"layout": "factors"}, {"layout": "dense"}):
+        store = fastinf.GradientStore.build(tmp_path / kw["layout"], ek, train, batch_size=6,
+                                            shard_size=7, progress=False, **kw)
+        seen.clear()
+        _close(ek.pairwise_scores(query, store, batch_size=4), ref, 1e-6)
+        assert seen == [{"EigenTokens"}] * 2, seen
+        ek.compact_queries = False
+        seen.clear()
+        _close(ek.pairwise_scores(query, store, batch_size=4), ref, 1e-6)
+        assert seen == [{"Eigen"}] * 3, seen
+        ek.compact_queries = True
