@@ -124,12 +124,14 @@ class EigenTokens(_Tokens):
         """Bytes per query of the :class:`Eigen` form of this record."""
         return self.din * self.dout * self.A.element_size()
 
-    def eigen(self, q0: int = 0, q1: Optional[int] = None, out: Optional[torch.Tensor] = None
-              ) -> torch.Tensor:
-        """``X [q1 - q0, dout, din]`` of queries ``[q0, q1)`` (into ``out`` if given)."""
-        G, A = self.G[q0:q1], self.A[q0:q1]
+    def eigen(self, q0: int = 0, q1: Optional[int] = None, out: Optional[torch.Tensor] = None,
+              e0: int = 0, e1: Optional[int] = None) -> torch.Tensor:
+        """``X [q1 - q0, e1 - e0, din]``: rows ``[e0, e1)`` of queries ``[q0, q1)`` (into
+        ``out`` if given)."""
+        G, A = self.G[q0:q1, :, e0:e1], self.A[q0:q1]
         X = torch.bmm(G.transpose(1, 2), A, out=out)
-        return X.div_(self.lam.to(X.dtype) + self.damping)
+        return X.mul_((self.lam[e0:e1].to(X.dtype) + self.damping).reciprocal_())  # mul, not div:
+        #                                                       the [e, din] reciprocal is small
 
     def to_eigen(self) -> Eigen:
         """The :class:`Eigen` record of the same queries (``[B, dout, din]``, kept)."""
@@ -466,8 +468,8 @@ def _score_eigen_tokens(train: Record, r: EigenTokens, dtype: torch.dtype,
     if B == 0 or Q == 0:
         return out
     dout, din = r.dout, r.din
-    Aq, Gq = r.A.to(dtype), r.G.to(dtype)
-    inv = 1.0 / (r.lam.to(dtype) + r.damping)
+    if r.A.dtype != dtype:
+        r = dataclasses.replace(r, A=r.A.to(dtype), G=r.G.to(dtype))
     if isinstance(train, DenseLayer):
         R = QS.T @ train.D.to(dtype) @ QA
 
@@ -488,9 +490,8 @@ def _score_eigen_tokens(train: Record, r: EigenTokens, dtype: torch.dtype,
     for e0 in range(0, dout, ec):
         e1 = min(dout, e0 + ec)
         D = rows(e0, e1, c.scratch("layers.eigen_tokens.D", (B, e1 - e0, din), dtype, QA.device))
-        X = torch.bmm(Gq[:, :, e0:e1].transpose(1, 2), Aq,
-                      out=c.scratch("layers.eigen_tokens.X", (Q, e1 - e0, din), dtype, QA.device))
-        X.mul_(inv[e0:e1])
+        X = r.eigen(out=c.scratch("layers.eigen_tokens.X", (Q, e1 - e0, din), dtype, QA.device),
+                    e0=e0, e1=e1)
         out.addmm_(D.flatten(1), X.flatten(1).T)
     return out
 

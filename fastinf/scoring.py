@@ -552,16 +552,19 @@ def _train_tiles(method, batches):
             out[p] = st.result()
         return out
 
+    def flush():        # the tile of the batches so far, handed on and not held here
+        nonlocal buf, count, size
+        tile = joined()
+        buf, count, size = [], 0, 0
+        yield start, tile
+
     for off, layers in batches:
         recs = method.train_layers(layers)
         del layers
         b = len(next(iter(recs.values())))
         nbytes = sum(_record_bytes(r) for r in recs.values())
         if buf and (count + b > most or size + nbytes > cap):   # a batch unlike the last
-            tile = joined()
-            buf, count, size = [], 0, 0
-            yield start, tile
-            del tile
+            yield from flush()
         if not buf:
             start = off
         buf.append(recs)
@@ -569,14 +572,10 @@ def _train_tiles(method, batches):
         count += b
         size += nbytes
         if count + b > most or size + nbytes > cap:     # another batch like it would not fit:
-            tile = joined()     # the tile now, before that batch is captured (it would be
-            buf, count, size = [], 0, 0     # alive beside the tile while it is scored)
-            yield start, tile
-            del tile
+            yield from flush()  # the tile now, before that batch is captured (it would be
+            #                     alive beside the tile while it is scored)
     if buf:
-        tile = joined()
-        buf = []
-        yield start, tile
+        yield from flush()
 
 
 def _shard_block(method, state, store: Store, i: int, **how) -> Dict[str, torch.Tensor]:
